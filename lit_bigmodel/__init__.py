@@ -1,0 +1,22 @@
+"""lit_bigmodel: Lightning components for fine-tuning, distilling and adversarially training big models.
+
+Optional dependencies (deepspeed, wandb) are imported only where they are used.
+"""
+
+from lit_bigmodel.errors import ConfigurationError, DataError, LitBigModelError, MissingPathError, OutputExistsError
+from lit_bigmodel.losses import causal_lm_loss
+from lit_bigmodel.nets.builders import build_model
+from lit_bigmodel.sft import SFTModule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigurationError",
+    "DataError",
+    "LitBigModelError",
+    "MissingPathError",
+    "OutputExistsError",
+    "SFTModule",
+    "build_model",
+    "causal_lm_loss",
+]

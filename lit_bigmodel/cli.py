@@ -1,0 +1,71 @@
+"""`lit-bigmodel`: the LightningCLI of the library (fit / validate / test / predict with YAML configs).
+
+Beyond Lightning's own arguments, ``fit`` takes ``--test_after_fit true`` (run the test split
+on the trained model and print its metrics) and ``--export_dir DIR`` (write a ``save_pretrained``
+directory at the end; ``--export_overwrite true`` to replace a non-empty one).
+
+Example::
+
+    lit-bigmodel fit -c configs/sft_tiny.yaml
+    lit-bigmodel fit -c configs/sft_tiny.yaml --trainer.max_steps 200 --export_dir out/model
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_bigmodel.errors import LitBigModelError, OutputExistsError
+
+
+class LitBigModelCLI(LightningCLI):
+    """LightningCLI with a test-after-fit step, an export step and one-line errors for bad input."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--test_after_fit", type=bool, default=False, help="After fit, run the test split and print its metrics.")
+        parser.add_argument("--export_dir", type=str | None, default=None, help="After fit, export a save_pretrained directory here.")
+        parser.add_argument("--export_overwrite", type=bool, default=False, help="Replace a non-empty --export_dir.")
+
+    def before_fit(self) -> None:
+        config = self.config[self.subcommand]
+        export_dir = config.get("export_dir")
+        if export_dir and not config.get("export_overwrite"):
+            import os
+
+            if os.path.isdir(export_dir) and os.listdir(export_dir):  # fail before training, not after it
+                raise OutputExistsError(f"--export_dir {export_dir!r} exists and is not empty; add --export_overwrite true.")
+
+    def after_fit(self) -> None:
+        config = self.config[self.subcommand]
+        if config.get("test_after_fit"):
+            results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            if results:
+                lines = [f"  {name}: {value:.4f}" for name, value in sorted(results[0].items())]
+                rank_zero_info("Held-out test metrics:\n" + "\n".join(lines))
+                if "test/exact_match" in results[0]:
+                    rank_zero_info(f"HELD-OUT EXACT MATCH: {100 * results[0]['test/exact_match']:.1f}%")
+        if config.get("export_dir"):
+            path = self.model.export(config["export_dir"], overwrite=bool(config.get("export_overwrite")))
+            rank_zero_info(f"Exported the model to {path}")
+
+
+def main(args: list[str] | None = None) -> Any:
+    """Entry point of the ``lit-bigmodel`` console script."""
+    try:
+        return LitBigModelCLI(
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=args,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+        )
+    except LitBigModelError as err:
+        print(f"lit-bigmodel: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Datamodules: tokenize once, cache, pad per batch or pack; and built-in offline tasks."""
+
+from lit_bigmodel.datamodules._base import TokenizedDataModule
+from lit_bigmodel.datamodules.arithmetic import ArithmeticDataModule
+from lit_bigmodel.datamodules.classification import TextClassificationDataModule
+from lit_bigmodel.datamodules.instruction import InstructionDataModule
+from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
+from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
+from lit_bigmodel.datamodules.tokenization import build_char_tokenizer, load_tokenizer
+
+__all__ = [
+    "ArithmeticDataModule",
+    "InstructionDataModule",
+    "PlainTextDataModule",
+    "TextClassificationDataModule",
+    "TokenizedDataModule",
+    "block_causal_mask",
+    "build_char_tokenizer",
+    "load_tokenizer",
+    "pack_examples",
+    "shakespeare_texts",
+]

@@ -1,0 +1,63 @@
+"""Data loaders that resume exactly in the middle of an epoch, on one process or many."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sized
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+
+class ResumableDistributedSampler(DistributedSampler):
+    """A `DistributedSampler` (seeded, reshuffled by ``set_epoch``) that can skip the start of an epoch.
+
+    Lightning leaves a `DistributedSampler` in place and calls ``set_epoch`` on it, so the order of
+    every epoch depends only on ``seed`` and the epoch number; after a mid-epoch resume ``skip``
+    drops the samples the interrupted run had already consumed, once.
+    """
+
+    def __init__(self, dataset: Sized, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        indices = list(super().__iter__())
+        skip, self.skip = self.skip, 0
+        return iter(indices[skip:])
+
+
+def build_loader(
+    dataset: Dataset[Any],
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any],
+    trainer: L.Trainer | None,
+    shuffle: bool,
+    seed: int,
+    num_workers: int = 0,
+) -> DataLoader[Any]:
+    """A loader whose order is fixed by ``seed`` and the epoch, sharded over the trainer's ranks.
+
+    For the training loader of a run resumed mid-epoch, the batches the checkpointed run had
+    finished in that epoch are skipped, so the resumed run sees exactly the batches the
+    uninterrupted run would have.
+    """
+    world_size = trainer.world_size if trainer is not None else 1
+    rank = trainer.global_rank if trainer is not None else 0
+    sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate_fn,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=num_workers > 0,
+    )
+    if trainer is not None and shuffle:
+        finished = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        if 0 < finished < len(loader):
+            sampler.skip = finished * batch_size
+    return loader

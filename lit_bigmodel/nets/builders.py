@@ -1,0 +1,84 @@
+"""Build a Hugging Face model from a local directory, a hub id, a `PretrainedConfig` or a factory."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Literal, Union
+
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+    PreTrainedTokenizerBase,
+)
+
+from lit_bigmodel._paths import looks_like_local_path
+from lit_bigmodel.errors import ConfigurationError, MissingPathError
+
+Task = Literal["causal_lm", "sequence_classification"]
+ModelSource = Union[PretrainedConfig, str, os.PathLike, Callable[[], nn.Module]]
+_AUTO = {"causal_lm": AutoModelForCausalLM, "sequence_classification": AutoModelForSequenceClassification}
+
+
+def build_model(
+    source: ModelSource,
+    task: Task,
+    num_labels: int | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+) -> nn.Module:
+    """Return the network ``source`` describes, for ``task``.
+
+    - a directory written by ``save_pretrained`` (or, with a network, a hub id): loaded with its weights;
+    - a ``PretrainedConfig``: built with fresh weights; with a ``tokenizer``, the vocabulary size and
+      the pad / BOS / EOS ids are taken from it, so a config and a locally built tokenizer agree;
+    - a callable: called with no arguments, its result returned as is.
+
+    Raises:
+        MissingPathError: a local path that does not exist, or a name that cannot be loaded.
+
+    Example::
+
+        model = build_model(GPT2Config(n_layer=2, n_embd=64, n_head=2), "causal_lm", tokenizer=tok)
+    """
+    if task not in _AUTO:
+        raise ConfigurationError(f"`task` must be one of {tuple(_AUTO)}, got {task!r}.")
+    label_kwargs = {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
+    if isinstance(source, PretrainedConfig):
+        config = source.__class__.from_dict(source.to_dict())  # a copy: the caller's config stays unchanged
+        if tokenizer is not None:
+            config.vocab_size = len(tokenizer)
+            for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+                setattr(config, name, getattr(tokenizer, name))
+        for key, value in label_kwargs.items():
+            setattr(config, key, value)
+        return _AUTO[task].from_config(config)
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        if looks_like_local_path(name) and not os.path.isdir(name):
+            raise MissingPathError(f"model directory {name!r} does not exist.")
+        try:
+            return _AUTO[task].from_pretrained(name, **label_kwargs)
+        except (OSError, ValueError) as err:
+            raise MissingPathError(
+                f"model {name!r} is neither a local model directory nor a model id that could be loaded ({err})."
+            ) from err
+    if callable(source):
+        model = source()
+        if not isinstance(model, nn.Module):
+            raise ConfigurationError(f"the model factory must return an nn.Module, got {type(model).__name__}.")
+        return model
+    raise ConfigurationError(
+        f"`model` must be a directory, a PretrainedConfig or a factory returning an nn.Module, got {type(source).__name__}."
+    )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` accepts, from its config (None if unknown or unlimited)."""
+    config = getattr(model, "config", None)
+    for name in ("n_positions", "max_position_embeddings", "n_ctx", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
