@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import shutil
 import tempfile
 from typing import Any, Literal
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -131,6 +132,7 @@ class SFTModule(L.LightningModule):
         if self.model is not None:
             return
         self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
+        self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         if self.task == "sequence_classification" and self.model.config.pad_token_id is None and self.tokenizer is not None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
@@ -170,12 +172,14 @@ class SFTModule(L.LightningModule):
             kwargs["token_type_ids"] = batch["token_type_ids"]
         return self.model(**kwargs).logits
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        logits = self(batch)
+    def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss; override this one hook to change the objective."""
         if self.task == "causal_lm":
-            loss, _ = causal_lm_loss(logits, batch["labels"])
-        else:
-            loss = F.cross_entropy(logits.float(), batch["labels"])
+            return causal_lm_loss(logits, batch["labels"])[0]
+        return F.cross_entropy(logits.float(), batch["labels"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.loss_from_logits(self(batch), batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
@@ -334,7 +338,7 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_bigmodel_rng_states"] = _collect_rng_states()
+        checkpoint["lit_bigmodel_rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
@@ -342,7 +346,7 @@ class SFTModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the data iterator in between draws random numbers.
         if self._pending_rng_states is not None:
-            _set_rng_states(self._pending_rng_states)
+            _restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
 
 
@@ -359,3 +363,25 @@ def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> A
         return min_ratio + (1 - min_ratio) * shape
 
     return factor
+
+
+def _rng_states() -> dict[str, Any]:
+    """Random states of torch (CPU, CUDA), Python and NumPy, in types that ``torch.load(weights_only=True)`` accepts."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
+    states: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def _restore_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    random.setstate(states["python"])
+    kind, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -57,7 +57,9 @@ def build_loader(
         persistent_workers=num_workers > 0,
     )
     if trainer is not None and shuffle:
-        finished = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        # `processed`, not `completed`: a checkpoint written in `on_train_batch_end` (ModelCheckpoint's
+        # every_n_train_steps) is saved before Lightning counts that batch as completed.
+        finished = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         if 0 < finished < len(loader):
             sampler.skip = finished * batch_size
     return loader
