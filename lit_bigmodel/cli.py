@@ -12,11 +12,11 @@ Example::
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities import rank_zero_info
 
 from lit_bigmodel.errors import LitBigModelError, OutputExistsError
 
@@ -25,31 +25,38 @@ class LitBigModelCLI(LightningCLI):
     """LightningCLI with a test-after-fit step, an export step and one-line errors for bad input."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--test_after_fit", type=bool, default=False, help="After fit, run the test split and print its metrics.")
-        parser.add_argument("--export_dir", type=str | None, default=None, help="After fit, export a save_pretrained directory here.")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="After fit, run the test split and print its metrics."
+        )
+        parser.add_argument(
+            "--export_dir", type=str | None, default=None, help="After fit, export a save_pretrained directory here."
+        )
         parser.add_argument("--export_overwrite", type=bool, default=False, help="Replace a non-empty --export_dir.")
 
     def before_fit(self) -> None:
         config = self.config[self.subcommand]
         export_dir = config.get("export_dir")
-        if export_dir and not config.get("export_overwrite"):
-            import os
-
-            if os.path.isdir(export_dir) and os.listdir(export_dir):  # fail before training, not after it
-                raise OutputExistsError(f"--export_dir {export_dir!r} exists and is not empty; add --export_overwrite true.")
+        exists = bool(export_dir) and os.path.isdir(export_dir) and bool(os.listdir(export_dir))
+        if exists and not config.get("export_overwrite"):  # fail before training, not after it
+            raise OutputExistsError(
+                f"--export_dir {export_dir!r} exists and is not empty; add --export_overwrite true."
+            )
 
     def after_fit(self) -> None:
         config = self.config[self.subcommand]
+        report = self.trainer.is_global_zero
         if config.get("test_after_fit"):
             results = self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
-            if results:
-                lines = [f"  {name}: {value:.4f}" for name, value in sorted(results[0].items())]
-                rank_zero_info("Held-out test metrics:\n" + "\n".join(lines))
+            if results and report:
+                print("Held-out test metrics:")
+                for name, value in sorted(results[0].items()):
+                    print(f"  {name}: {value:.4f}")
                 if "test/exact_match" in results[0]:
-                    rank_zero_info(f"HELD-OUT EXACT MATCH: {100 * results[0]['test/exact_match']:.1f}%")
+                    print(f"HELD-OUT EXACT MATCH: {100 * results[0]['test/exact_match']:.1f}%")
         if config.get("export_dir"):
             path = self.model.export(config["export_dir"], overwrite=bool(config.get("export_overwrite")))
-            rank_zero_info(f"Exported the model to {path}")
+            if report:
+                print(f"Exported the model to {path}")
 
 
 def main(args: list[str] | None = None) -> Any:
@@ -62,9 +69,23 @@ def main(args: list[str] | None = None) -> Any:
             save_config_kwargs={"overwrite": True},
             auto_configure_optimizers=False,
         )
-    except LitBigModelError as err:
-        print(f"lit-bigmodel: error: {err}", file=sys.stderr)
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"lit-bigmodel: error: {cause}", file=sys.stderr)
         sys.exit(2)
+
+
+def _user_error(err: BaseException | None) -> LitBigModelError | None:
+    """Our own input error behind ``err``: jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, LitBigModelError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+def causal_lm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean next-token cross-entropy over the labelled positions (completion-only loss).
 
     Args:
@@ -23,8 +25,8 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int
 
         loss, n = causal_lm_loss(torch.randn(2, 5, 11), torch.tensor([[-100, -100, 3, 4, 2]] * 2))
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])   # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)                       # (B*(T-1),)
+    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
+    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
     total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum")
     num_tokens = (shift_labels != ignore_index).sum()
     return total / num_tokens.clamp(min=1), num_tokens

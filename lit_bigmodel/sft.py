@@ -7,14 +7,14 @@ import os
 import random
 import shutil
 import tempfile
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
@@ -105,11 +105,19 @@ class SFTModule(L.LightningModule):
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.warmup_steps = warmup_steps
+        self.lr_schedule = lr_schedule
+        self.min_lr_ratio = min_lr_ratio
+        self.generate_eval = generate_eval
+        self.max_new_tokens = max_new_tokens
         self.model_source = model
         self.task = task
         self.num_labels = num_labels
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
-        self.model: nn.Module | None = None
+        self.model: Any = None  # the Hugging Face network, built in configure_model
         self.metrics = nn.ModuleDict()
         self._pending_rng_states: dict[str, Any] | None = None
 
@@ -123,9 +131,13 @@ class SFTModule(L.LightningModule):
             if self.num_labels is None:
                 self.num_labels = data_labels
             elif data_labels is not None and data_labels != self.num_labels:
-                raise ConfigurationError(f"`num_labels` is {self.num_labels} but the datamodule has {data_labels} labels.")
+                raise ConfigurationError(
+                    f"`num_labels` is {self.num_labels} but the datamodule has {data_labels} labels."
+                )
             if self.num_labels is None:
-                raise ConfigurationError("`num_labels` is required for sequence classification (or a datamodule that sets it).")
+                raise ConfigurationError(
+                    "`num_labels` is required for sequence classification (or a datamodule that sets it)."
+                )
         self._build_metrics()
 
     def configure_model(self) -> None:
@@ -133,13 +145,18 @@ class SFTModule(L.LightningModule):
             return
         self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
-        if self.task == "sequence_classification" and self.model.config.pad_token_id is None and self.tokenizer is not None:
+        if (
+            self.task == "sequence_classification"
+            and self.model.config.pad_token_id is None
+            and self.tokenizer is not None
+        ):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
     def _build_metrics(self) -> None:
         if len(self.metrics):
             return
         for stage in ("val", "test"):
+            metrics: dict[str, Metric]
             if self.task == "causal_lm":
                 metrics = {"loss": MeanMetric(), "token_accuracy": MeanMetric(), "exact_match": MeanMetric()}
             else:
@@ -151,13 +168,16 @@ class SFTModule(L.LightningModule):
                 }
             self.metrics[stage] = nn.ModuleDict(metrics)
 
+    def _metrics(self, stage: str) -> dict[str, Metric]:
+        return {name: cast(Metric, metric) for name, metric in cast(nn.ModuleDict, self.metrics[stage]).items()}
+
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the network: ``(B, T, V)`` for a causal LM, ``(B, C)`` for a classifier."""
         if self.model is None:
             self.configure_model()
         assert self.model is not None
-        input_ids = batch["input_ids"]                                       # (B, T)
+        input_ids = batch["input_ids"]  # (B, T)
         limit = max_positions(self.model)
         if limit is not None and input_ids.shape[1] > limit:
             raise ConfigurationError(
@@ -165,7 +185,7 @@ class SFTModule(L.LightningModule):
                 "lower the datamodule's `max_length` or set its `overflow`."
             )
         kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
-        if "document_ids" in batch:                                          # packed rows
+        if "document_ids" in batch:  # packed rows
             kwargs["attention_mask"] = block_causal_mask(batch["document_ids"])  # (B, 1, T, T)
             kwargs["position_ids"] = batch["position_ids"]
         if "token_type_ids" in batch:
@@ -190,16 +210,16 @@ class SFTModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
-        metrics = self.metrics[stage]
+        metrics = self._metrics(stage)
         logits = self(batch)
         if self.task == "causal_lm":
             loss, num_tokens = causal_lm_loss(logits, batch["labels"])
             metrics["loss"].update(loss, weight=num_tokens)
-            labels = batch["labels"][:, 1:]                                  # (B, T-1)
+            labels = batch["labels"][:, 1:]  # (B, T-1)
             labelled = labels != IGNORE_INDEX
             correct = logits[:, :-1].argmax(-1) == labels
             metrics["token_accuracy"].update(correct[labelled].float())
-            if self.hparams.generate_eval and "prompt_input_ids" in batch:
+            if self.generate_eval and "prompt_input_ids" in batch:
                 metrics["exact_match"].update(self._exact_match(batch).float())
         else:
             labels = batch["labels"]
@@ -214,7 +234,7 @@ class SFTModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        metrics = self.metrics[stage]
+        metrics = self._metrics(stage)
         values = {f"{stage}/{name}": metric.compute() for name, metric in metrics.items() if metric.update_count}
         if self.task == "causal_lm" and f"{stage}/loss" in values:
             values[f"{stage}/perplexity"] = torch.exp(values[f"{stage}/loss"])
@@ -225,18 +245,18 @@ class SFTModule(L.LightningModule):
     @torch.no_grad()
     def _exact_match(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per example: does the greedy generation equal the reference completion, then stop? ``(B,)`` bool."""
-        target = batch["completion_ids"]                                     # (B, C), -100-padded
-        width = target.shape[1] + 1                                          # the answer, then EOS
-        prompt = batch["prompt_input_ids"]                                   # (B, P), left-padded
+        target = batch["completion_ids"]  # (B, C), -100-padded
+        width = target.shape[1] + 1  # the answer, then EOS
+        prompt = batch["prompt_input_ids"]  # (B, P), left-padded
         generated = self.generate(prompt, batch["prompt_attention_mask"], max_new_tokens=width)[:, prompt.shape[1] :]
         eos = self._special_id("eos_token_id")
         if generated.shape[1] < width:
             filler = torch.full_like(generated[:, :1], eos if eos is not None else IGNORE_INDEX)
             generated = torch.cat([generated, filler.expand(-1, width - generated.shape[1])], dim=1)
         if eos is not None:
-            ended = (generated == eos).cumsum(dim=1) > 0                     # EOS and everything after it
+            ended = (generated == eos).cumsum(dim=1) > 0  # EOS and everything after it
             generated = generated.masked_fill(ended, IGNORE_INDEX)
-        padded_target = F.pad(target, (0, 1), value=IGNORE_INDEX)            # (B, width)
+        padded_target = F.pad(target, (0, 1), value=IGNORE_INDEX)  # (B, width)
         return (generated == padded_target).all(dim=1)
 
     # ------------------------------------------------------------------ generation and export
@@ -252,7 +272,7 @@ class SFTModule(L.LightningModule):
             self.configure_model()
         assert self.model is not None
         network = getattr(self.model, "_orig_mod", self.model)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.hparams.max_new_tokens, "do_sample": False}
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": False}
         pad, eos = self._special_id("pad_token_id"), self._special_id("eos_token_id")
         if pad is not None or eos is not None:
             kwargs["pad_token_id"] = pad if pad is not None else eos
@@ -288,14 +308,20 @@ class SFTModule(L.LightningModule):
         """
         target = os.path.abspath(os.fspath(dirpath))
         if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)) and not overwrite:
-            raise OutputExistsError(f"export directory {target!r} exists and is not empty; pass overwrite=True to replace it.")
+            raise OutputExistsError(
+                f"export directory {target!r} exists and is not empty; pass overwrite=True to replace it."
+            )
         if self.model is None:
-            raise ConfigurationError("nothing to export: the model is not built yet (train it, or call configure_model()).")
+            raise ConfigurationError(
+                "nothing to export: the model is not built yet (train it, or call configure_model())."
+            )
         if self._trainer is not None and not self.trainer.is_global_zero:
             return target
         network = getattr(self.model, "_orig_mod", self.model)
         if not hasattr(network, "save_pretrained"):
-            raise ConfigurationError(f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model.")
+            raise ConfigurationError(
+                f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model."
+            )
         parent = os.path.dirname(target)
         os.makedirs(parent, exist_ok=True)
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
@@ -318,7 +344,9 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
         assert self.model is not None
-        decay, no_decay, seen = [], [], set()
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
+        seen: set[int] = set()
         for module in self.model.modules():
             is_norm_or_embedding = isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower()
             for name, param in module.named_parameters(recurse=False):
@@ -326,13 +354,12 @@ class SFTModule(L.LightningModule):
                     continue  # tied weights (embedding = LM head) are listed once, as the embedding
                 seen.add(id(param))
                 (no_decay if is_norm_or_embedding or name.endswith("bias") or param.ndim < 2 else decay).append(param)
-        hp = self.hparams
-        groups = [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = all(p.is_cuda for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=tuple(hp.betas), fused=fused or None)
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
-        warmup = int(hp.warmup_steps * total) if hp.warmup_steps < 1 else int(hp.warmup_steps)
-        schedule = _warmup_decay(warmup, total, hp.lr_schedule, hp.min_lr_ratio)
+        warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
+        schedule = _warmup_decay(warmup, total, self.lr_schedule, self.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 

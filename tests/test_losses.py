@@ -9,13 +9,13 @@ def test_causal_lm_loss_equals_float64_reference_with_mask():
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11)
     labels = torch.randint(0, 11, (3, 7))
-    labels[0, :4] = IGNORE_INDEX          # a prompt
-    labels[2, 5:] = IGNORE_INDEX          # padding
+    labels[0, :4] = IGNORE_INDEX  # a prompt
+    labels[2, 5:] = IGNORE_INDEX  # padding
     loss, count = causal_lm_loss(logits, labels)
 
     total, n = 0.0, 0
     for b in range(3):
-        for t in range(6):                # position t predicts label t + 1
+        for t in range(6):  # position t predicts label t + 1
             target = int(labels[b, t + 1])
             if target == IGNORE_INDEX:
                 continue

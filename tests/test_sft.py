@@ -17,19 +17,21 @@ from tests.conftest import addition_rows, tiny_trainer, write_jsonl
 
 
 def _instruction_batch(tmp_path, tokenizer):
-    dm = InstructionDataModule(tokenizer, train_file=str(write_jsonl(tmp_path / "t.jsonl", addition_rows(8))), val_fraction=0.25)
+    dm = InstructionDataModule(
+        tokenizer, train_file=str(write_jsonl(tmp_path / "t.jsonl", addition_rows(8))), val_fraction=0.25
+    )
     dm.setup("fit")
     return dm, next(iter(dm.train_dataloader()))
 
 
 def test_prompt_tokens_get_zero_gradient(tmp_path, char_tokenizer, tiny_gpt2_config):
-    dm, batch = _instruction_batch(tmp_path, char_tokenizer)
+    _dm, batch = _instruction_batch(tmp_path, char_tokenizer)
     module = SFTModule(tiny_gpt2_config, tokenizer=char_tokenizer)
     module.configure_model()
     logits = module(batch)
     logits.retain_grad()
     module.loss_from_logits(logits, batch).backward()
-    grad_norm = logits.grad.abs().sum(-1)                         # (B, T)
+    grad_norm = logits.grad.abs().sum(-1)  # (B, T)
     # position t is scored against label t + 1: prompt (and padding) targets must get no gradient
     next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
     masked = next_labels == -100
@@ -109,7 +111,7 @@ def test_real_pretrained_minilm_from_local_directory(tmp_path):
     module = SFTModule(model_dir, task="sequence_classification", learning_rate=5e-5)
     tiny_trainer(tmp_path, max_steps=2, limit_val_batches=1).fit(module, dm)
     assert module.model.config.num_labels == 2
-    assert module.model.bert.config.num_hidden_layers == 6            # the real 6-layer MiniLM
+    assert module.model.bert.config.num_hidden_layers == 6  # the real 6-layer MiniLM
     out = module.export(tmp_path / "minilm")
     reloaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     batch = next(iter(dm.val_dataloader()))
@@ -128,13 +130,15 @@ def test_resume_from_mid_epoch_checkpoint_gives_identical_weights(tmp_path):
         L.seed_everything(1)
         dm = ArithmeticDataModule(max_operand=12, num_val=20, num_test=20, batch_size=16, eval_batch_size=20, seed=3)
         module = SFTModule(config, learning_rate=3e-3, warmup_steps=5)
-        trainer = tiny_trainer(root, max_steps=max_steps, callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+        trainer = tiny_trainer(
+            root, max_steps=max_steps, callbacks=list(callbacks), enable_checkpointing=bool(callbacks)
+        )
         trainer.fit(module, dm, ckpt_path=ckpt_path)
         return module, trainer
 
     saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
     full, trainer = run(tmp_path / "a", 14, callbacks=[saver])
-    assert trainer.num_training_batches == 9                    # 129 train problems / 16: step 5 is mid-epoch, 14 in epoch 2
+    assert trainer.num_training_batches == 9  # 129 train problems / 16: step 5 is mid-epoch, 14 in epoch 2
     mid = glob.glob(str(tmp_path / "ckpt" / "*step=5.ckpt"))
     assert mid, os.listdir(tmp_path / "ckpt")
     resumed, _ = run(tmp_path / "b", 14, ckpt_path=mid[0])
@@ -172,8 +176,8 @@ def test_export_refuses_a_non_empty_directory_unless_overwrite(tmp_path, tiny_gp
     (target / "keep.txt").write_text("precious")
     with pytest.raises(OutputExistsError, match="overwrite=True"):
         module.export(target)
-    assert os.listdir(target) == ["keep.txt"]                     # untouched
-    assert sorted(os.listdir(tmp_path)) == ["out"]                # no staging folder left behind
+    assert os.listdir(target) == ["keep.txt"]  # untouched
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging folder left behind
     module.export(target, overwrite=True)
     assert "config.json" in os.listdir(target) and "keep.txt" not in os.listdir(target)
     assert sorted(os.listdir(tmp_path)) == ["out"]
@@ -188,15 +192,19 @@ def test_no_weight_decay_on_biases_norms_and_embeddings(tmp_path, char_tokenizer
     decay, no_decay = trainer.optimizers[0].param_groups
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
     decayed = {names[id(p)] for p in decay["params"]}
-    assert decayed and all(n.endswith("weight") and "ln_" not in n and "wte" not in n and "wpe" not in n for n in decayed)
-    assert {n for n in names.values() if n.endswith("bias") or ".ln_" in n} <= {names[id(p)] for p in no_decay["params"]}
+    assert decayed and all(
+        n.endswith("weight") and "ln_" not in n and "wte" not in n and "wpe" not in n for n in decayed
+    )
+    assert {n for n in names.values() if n.endswith("bias") or ".ln_" in n} <= {
+        names[id(p)] for p in no_decay["params"]
+    }
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
 
 
 def test_sequence_longer_than_the_model_is_a_clear_error(tmp_path, char_tokenizer):
     from transformers import GPT2Config
 
-    dm, batch = _instruction_batch(tmp_path, char_tokenizer)
+    _dm, batch = _instruction_batch(tmp_path, char_tokenizer)
     module = SFTModule(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=4), tokenizer=char_tokenizer)
     with pytest.raises(ConfigurationError, match="at most 4"):
         module(batch)

@@ -68,7 +68,9 @@ class TokenizedDataModule(L.LightningDataModule):
         self.files: dict[str, str | None] = {"train": train_file, "val": val_file, "test": test_file}
         self.val_fraction = val_fraction
         tokenizer_max = self.tokenizer.model_max_length
-        self.max_length = max_length if max_length is not None else (tokenizer_max if tokenizer_max < 1_000_000 else None)
+        self.max_length = (
+            max_length if max_length is not None else (tokenizer_max if tokenizer_max < 1_000_000 else None)
+        )
         self.overflow = overflow
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -107,7 +109,9 @@ class TokenizedDataModule(L.LightningDataModule):
                 order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
                 n_val = max(1, round(len(train) * self.val_fraction))
                 if n_val >= len(train):
-                    raise DataError(f"the training split has {len(train)} example(s): too few to hold out a validation split.")
+                    raise DataError(
+                        f"the training split has {len(train)} example(s): too few to hold out a validation split."
+                    )
                 val = [train[i] for i in sorted(order[:n_val])]
                 train = [train[i] for i in sorted(order[n_val:])]
             self.datasets["train"] = self.prepare_split("train", train)
@@ -132,9 +136,11 @@ class TokenizedDataModule(L.LightningDataModule):
         if split not in self.datasets:
             self.setup("test" if split == "test" else "fit")
         if split not in self.datasets:
-            raise ConfigurationError(f"no {split} data: set `{split}_file`" + (" or `val_fraction` > 0." if split == "val" else "."))
+            raise ConfigurationError(
+                f"no {split} data: set `{split}_file`" + (" or `val_fraction` > 0." if split == "val" else ".")
+            )
         return build_loader(
-            self.datasets[split],
+            self.datasets[split],  # type: ignore[arg-type]
             batch_size=batch_size,
             collate_fn=self.collate_fn(split),
             trainer=self.trainer,

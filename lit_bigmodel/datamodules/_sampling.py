@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 
@@ -28,6 +29,28 @@ class ResumableDistributedSampler(DistributedSampler):
         return iter(indices[skip:])
 
 
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` over a `ResumableDistributedSampler`; its state tells Lightning it resumes mid-epoch.
+
+    The position inside the epoch comes from the trainer's own progress counters (see
+    `build_loader`); the state saved here is the sampler's seed, checked on load, because a
+    different seed would silently replay a different order.
+    """
+
+    sampler: ResumableDistributedSampler
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.sampler.seed, "shuffle": self.sampler.shuffle}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = (state_dict.get("seed"), state_dict.get("shuffle"))
+        if saved != (self.sampler.seed, self.sampler.shuffle):
+            rank_zero_warn(
+                f"resuming with data order (seed, shuffle)={(self.sampler.seed, self.sampler.shuffle)} but the "
+                f"checkpoint was written with {saved}: the resumed run will not see the same batches."
+            )
+
+
 def build_loader(
     dataset: Dataset[Any],
     *,
@@ -37,7 +60,7 @@ def build_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
-) -> DataLoader[Any]:
+) -> ResumableDataLoader:
     """A loader whose order is fixed by ``seed`` and the epoch, sharded over the trainer's ranks.
 
     For the training loader of a run resumed mid-epoch, the batches the checkpointed run had
@@ -47,7 +70,7 @@ def build_loader(
     world_size = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
     sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
-    loader = DataLoader(
+    loader = ResumableDataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
@@ -59,7 +82,7 @@ def build_loader(
     if trainer is not None and shuffle:
         # `processed`, not `completed`: a checkpoint written in `on_train_batch_end` (ModelCheckpoint's
         # every_n_train_steps) is saved before Lightning counts that batch as completed.
-        finished = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        finished = trainer.fit_loop.epoch_loop.batch_progress.current.processed  # type: ignore[attr-defined]
         if 0 < finished < len(loader):
             sampler.skip = finished * batch_size
     return loader

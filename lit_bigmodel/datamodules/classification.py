@@ -78,7 +78,12 @@ class TextClassificationDataModule(TokenizedDataModule):
             self.num_labels = max(2, 1 + max(example["label"] for example in self.datasets["train"]))
 
     def encode(self, record: Record, where: str) -> dict[str, Any]:
-        require_keys(record, (self.text_field, self.label_field), where, f"each row needs {self.text_field!r} and {self.label_field!r}.")
+        require_keys(
+            record,
+            (self.text_field, self.label_field),
+            where,
+            f"each row needs {self.text_field!r} and {self.label_field!r}.",
+        )
         text = record[self.text_field]
         if not isinstance(text, str):
             raise DataError(f"{where}: {self.text_field!r} must be a string, got {type(text).__name__}.")

