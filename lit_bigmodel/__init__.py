@@ -3,8 +3,9 @@
 Optional dependencies (deepspeed, wandb) are imported only where they are used.
 """
 
+from lit_bigmodel.distillation import DistillationModule
 from lit_bigmodel.errors import ConfigurationError, DataError, LitBigModelError, MissingPathError, OutputExistsError
-from lit_bigmodel.losses import causal_lm_loss
+from lit_bigmodel.losses import attention_loss, causal_lm_loss, distillation_loss, hidden_state_loss
 from lit_bigmodel.nets.builders import build_model
 from lit_bigmodel.sft import SFTModule
 
@@ -13,10 +14,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ConfigurationError",
     "DataError",
+    "DistillationModule",
     "LitBigModelError",
     "MissingPathError",
     "OutputExistsError",
     "SFTModule",
     "build_model",
+    "attention_loss",
     "causal_lm_loss",
+    "distillation_loss",
+    "hidden_state_loss",
 ]

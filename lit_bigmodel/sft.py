@@ -176,7 +176,10 @@ class SFTModule(L.LightningModule):
         """Logits of the network: ``(B, T, V)`` for a causal LM, ``(B, C)`` for a classifier."""
         if self.model is None:
             self.configure_model()
-        assert self.model is not None
+        return self.model(**self.model_inputs(batch)).logits
+
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword arguments of the network's forward for ``batch`` (packed rows get a block mask)."""
         input_ids = batch["input_ids"]  # (B, T)
         limit = max_positions(self.model)
         if limit is not None and input_ids.shape[1] > limit:
@@ -190,7 +193,7 @@ class SFTModule(L.LightningModule):
             kwargs["position_ids"] = batch["position_ids"]
         if "token_type_ids" in batch:
             kwargs["token_type_ids"] = batch["token_type_ids"]
-        return self.model(**kwargs).logits
+        return kwargs
 
     def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The training loss; override this one hook to change the objective."""
@@ -342,12 +345,15 @@ class SFTModule(L.LightningModule):
         return target
 
     # ------------------------------------------------------------------ optimization
+    def trainable_modules(self) -> list[nn.Module]:
+        """The modules whose parameters the optimizer updates (the network; subclasses add theirs)."""
+        return [self.model]
+
     def configure_optimizers(self) -> Any:
-        assert self.model is not None
         decay: list[nn.Parameter] = []
         no_decay: list[nn.Parameter] = []
         seen: set[int] = set()
-        for module in self.model.modules():
+        for module in (m for root in self.trainable_modules() for m in root.modules()):
             is_norm_or_embedding = isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower()
             for name, param in module.named_parameters(recurse=False):
                 if not param.requires_grad or id(param) in seen:

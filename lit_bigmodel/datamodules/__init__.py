@@ -5,6 +5,7 @@ from lit_bigmodel.datamodules.arithmetic import ArithmeticDataModule
 from lit_bigmodel.datamodules.classification import TextClassificationDataModule
 from lit_bigmodel.datamodules.instruction import InstructionDataModule
 from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
+from lit_bigmodel.datamodules.teacher_cache import TeacherLogitsDataModule
 from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
 from lit_bigmodel.datamodules.tokenization import build_char_tokenizer, load_tokenizer
 
@@ -12,6 +13,7 @@ __all__ = [
     "ArithmeticDataModule",
     "InstructionDataModule",
     "PlainTextDataModule",
+    "TeacherLogitsDataModule",
     "TextClassificationDataModule",
     "TokenizedDataModule",
     "block_causal_mask",

@@ -1,0 +1,332 @@
+"""`DistillationModule`: teacher–student distillation for any pair of Hugging Face models sharing a vocabulary."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from lit_bigmodel.datamodules.packing import IGNORE_INDEX
+from lit_bigmodel.datamodules.tokenization import load_tokenizer
+from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.losses import DISTILLATION_LOSSES, attention_loss, distillation_loss, hidden_state_loss
+from lit_bigmodel.nets.builders import ModelSource, Task, build_model
+from lit_bigmodel.sft import Schedule, SFTModule
+
+DistillLoss = Literal["forward_kl", "reverse_kl", "jsd", "mse"]
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class DistillationModule(SFTModule):
+    """Train a student on ``alpha · hard-label loss + (1 − alpha) · distillation loss`` from a frozen teacher.
+
+    The teacher is built in ``configure_model`` like the student, then frozen: eval mode, no
+    gradients, never in the optimizer, forward under ``torch.no_grad`` (optionally in bfloat16).
+    For causal LMs only completion tokens count (the datamodules' labels); for classifiers every
+    example counts. Extra terms: hidden-state matching through ``hidden_layer_map`` (student layer →
+    teacher layer, 0 = embeddings; a learned projection where widths differ) and attention-map KL
+    through ``attention_layer_map`` (1-based transformer layers; heads must align). With
+    ``on_policy_fraction`` λ > 0 (causal LM), a fraction λ of training batches replaces the
+    completions with the student's own samples and uses the distillation loss alone (GKD).
+
+    Offline mode: ``teacher=None`` and a `TeacherLogitsDataModule`, whose batches carry the
+    teacher's cached top-k logits; the teacher is never in memory during training.
+
+    Validation, test, ``generate`` and ``export`` act on the student (`SFTModule`'s).
+
+    Args:
+        student, teacher: a ``save_pretrained`` directory, a ``PretrainedConfig`` or a factory.
+        alpha: weight of the hard-label loss, in [0, 1].
+        temperature: softening of both distributions (> 0); the loss is scaled by T².
+        loss: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` (generalized, with ``beta``) or ``"mse"``.
+        top_k: compare over the teacher's top-k tokens only.
+        teacher_tokenizer: checked against the student's tokenizer (same vocabulary, same ids).
+        teacher_dtype: ``"bfloat16"`` (or ``"float16"``) to run the teacher at lower precision.
+
+    Raises:
+        ConfigurationError: invalid arguments; vocabularies that differ; layer maps out of range.
+
+    Example::
+
+        teacher = "runs/teacher"                            # a save_pretrained directory
+        student = GPT2Config(n_layer=2, n_embd=96, n_head=4)
+        module = DistillationModule(student, teacher, alpha=0.5, temperature=2.0, loss="jsd", beta=0.5)
+        L.Trainer(max_steps=1000).fit(module, ArithmeticDataModule())
+    """
+
+    def __init__(
+        self,
+        student: ModelSource,
+        teacher: ModelSource | None,
+        task: Task = "causal_lm",
+        num_labels: int | None = None,
+        tokenizer: str | PreTrainedTokenizerBase | None = None,
+        teacher_tokenizer: str | PreTrainedTokenizerBase | None = None,
+        alpha: float = 0.5,
+        temperature: float = 2.0,
+        loss: DistillLoss = "forward_kl",
+        beta: float = 0.5,
+        top_k: int | None = None,
+        hidden_layer_map: Mapping[int, int] | None = None,
+        hidden_loss: Literal["mse", "cosine"] = "mse",
+        hidden_weight: float = 1.0,
+        attention_layer_map: Mapping[int, int] | None = None,
+        attention_weight: float = 1.0,
+        on_policy_fraction: float = 0.0,
+        teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
+        seed: int = 0,
+        learning_rate: float = 5e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int | float = 0.05,
+        lr_schedule: Schedule = "cosine",
+        min_lr_ratio: float = 0.0,
+        generate_eval: bool = True,
+        max_new_tokens: int = 32,
+    ) -> None:
+        problems = []
+        if not 0.0 <= alpha <= 1.0:
+            problems.append(f"`alpha` must be in [0, 1], got {alpha!r}.")
+        if not temperature > 0:
+            problems.append(f"`temperature` must be > 0, got {temperature!r}.")
+        if loss not in DISTILLATION_LOSSES:
+            problems.append(f"`loss` must be one of {DISTILLATION_LOSSES}, got {loss!r}.")
+        if not 0.0 <= beta <= 1.0:
+            problems.append(f"`beta` must be in [0, 1], got {beta!r}.")
+        if top_k is not None and top_k < 1:
+            problems.append(f"`top_k` must be >= 1 or None, got {top_k!r}.")
+        if hidden_loss not in ("mse", "cosine"):
+            problems.append(f"`hidden_loss` must be 'mse' or 'cosine', got {hidden_loss!r}.")
+        if hidden_weight < 0 or attention_weight < 0:
+            problems.append(f"`hidden_weight` and `attention_weight` must be >= 0, got {hidden_weight!r}, {attention_weight!r}.")
+        for name, layer_map in (("hidden_layer_map", hidden_layer_map), ("attention_layer_map", attention_layer_map)):
+            if layer_map is not None and any(int(k) < 0 or int(v) < 0 for k, v in layer_map.items()):
+                problems.append(f"`{name}` must map non-negative layer indices, got {dict(layer_map)!r}.")
+        if not 0.0 <= on_policy_fraction <= 1.0:
+            problems.append(f"`on_policy_fraction` must be in [0, 1], got {on_policy_fraction!r}.")
+        if on_policy_fraction > 0 and task != "causal_lm":
+            problems.append("`on_policy_fraction` > 0 needs task='causal_lm' (the student samples completions).")
+        if teacher_dtype is not None and teacher_dtype not in _DTYPES:
+            problems.append(f"`teacher_dtype` must be one of {tuple(_DTYPES)} or None, got {teacher_dtype!r}.")
+        if problems:
+            raise ConfigurationError(" ".join(problems))
+        super().__init__(
+            student, task=task, num_labels=num_labels, tokenizer=tokenizer, learning_rate=learning_rate,
+            weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
+            min_lr_ratio=min_lr_ratio, generate_eval=generate_eval, max_new_tokens=max_new_tokens,
+        )  # fmt: skip
+        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "teacher_tokenizer"])
+        self.teacher_source = teacher
+        self.teacher_tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer is not None else None
+        self.alpha = alpha
+        self.temperature = temperature
+        self.loss_kind = loss
+        self.beta = beta
+        self.top_k = top_k
+        self.hidden_layer_map = {int(k): int(v) for k, v in (hidden_layer_map or {}).items()}
+        self.hidden_loss_kind = hidden_loss
+        self.hidden_weight = hidden_weight if self.hidden_layer_map else 0.0
+        self.attention_layer_map = {int(k): int(v) for k, v in (attention_layer_map or {}).items()}
+        self.attention_weight = attention_weight if self.attention_layer_map else 0.0
+        self.on_policy_fraction = on_policy_fraction
+        self.teacher_dtype = teacher_dtype
+        self.seed = seed
+        self.teacher: Any = None
+        self.projections = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        super().configure_model()
+        if self.teacher_source is not None:
+            teacher = build_model(self.teacher_source, self.task, self.num_labels, self.tokenizer)
+            teacher.requires_grad_(False)
+            if self.teacher_dtype is not None:
+                teacher.to(_DTYPES[self.teacher_dtype])
+            self.teacher = teacher.eval()
+            self._check_vocabularies()
+        if self.attention_weight > 0:
+            for network in (self.model, self.teacher):
+                if network is not None and hasattr(network, "set_attn_implementation"):
+                    network.set_attn_implementation("eager")  # SDPA kernels do not return attention maps
+        self._check_layer_maps_and_build_projections()
+
+    def _check_vocabularies(self) -> None:
+        student_vocab = self.model.get_input_embeddings().num_embeddings
+        teacher_vocab = self.teacher.get_input_embeddings().num_embeddings
+        if student_vocab != teacher_vocab:
+            raise ConfigurationError(
+                f"teacher and student must share the vocabulary: the student embeds {student_vocab} tokens, "
+                f"the teacher {teacher_vocab}."
+            )
+        if self.tokenizer is not None and self.teacher_tokenizer is not None:
+            if self.tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab():
+                ours, theirs = self.tokenizer.get_vocab(), self.teacher_tokenizer.get_vocab()
+                differing = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+                raise ConfigurationError(
+                    f"teacher and student tokenizers differ (size {len(ours)} vs {len(theirs)}; "
+                    f"e.g. token ids {differing}): distillation needs the same vocabulary and ids."
+                )
+
+    def _check_layer_maps_and_build_projections(self) -> None:
+        if not self.hidden_layer_map and not self.attention_layer_map:
+            return
+        if self.teacher is None:
+            raise ConfigurationError("hidden-state and attention matching need the teacher in memory (teacher=None given).")
+        s_layers, t_layers = _num_layers(self.model), _num_layers(self.teacher)
+        problems = []
+        for name, layer_map, low in (("hidden_layer_map", self.hidden_layer_map, 0), ("attention_layer_map", self.attention_layer_map, 1)):
+            for s, t in layer_map.items():
+                if not (low <= s <= s_layers and low <= t <= t_layers):
+                    problems.append(
+                        f"`{name}` maps student layer {s} to teacher layer {t}, but the student has layers "
+                        f"{low}..{s_layers} and the teacher {low}..{t_layers}."
+                    )
+        if problems:
+            raise ConfigurationError(" ".join(problems))
+        s_width, t_width = _width(self.model), _width(self.teacher)
+        for s in self.hidden_layer_map:
+            self.projections[str(s)] = nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.model, self.projections]
+
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()  # the teacher never leaves eval mode (no dropout)
+        return self
+
+    # ------------------------------------------------------------------ training
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        batch, on_policy = self._maybe_on_policy(batch)
+        inputs = self.model_inputs(batch)
+        want_hidden, want_attention = self.hidden_weight > 0, self.attention_weight > 0
+        student = self.model(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
+        teacher_logits, teacher_indices, teacher = self._teacher_outputs(batch, inputs, want_hidden, want_attention)
+
+        if self.task == "causal_lm":
+            # position t predicts token t + 1: compare the predictions whose target is a completion token
+            mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
+            s_logits, t_logits = student.logits[:, :-1], teacher_logits[:, :-1]
+            t_indices = teacher_indices[:, :-1] if teacher_indices is not None else None
+        else:
+            mask, s_logits, t_logits, t_indices = None, student.logits, teacher_logits, teacher_indices
+        soft = distillation_loss(
+            s_logits, t_logits, self.loss_kind, self.temperature, self.beta, mask, self.top_k, t_indices
+        )  # fmt: skip
+        alpha = 0.0 if on_policy else self.alpha  # sampled completions have no ground truth
+        loss = (1 - alpha) * soft
+        logs = {"train/distill_loss": soft}
+        if alpha > 0:
+            hard = self.loss_from_logits(student.logits, batch)
+            loss = loss + alpha * hard
+            logs["train/hard_loss"] = hard
+        token_mask = batch["attention_mask"].bool() if self.task == "sequence_classification" else (batch["labels"] != IGNORE_INDEX)
+        if want_hidden:
+            hidden = sum(
+                hidden_state_loss(
+                    self.projections[str(s)](student.hidden_states[s]), teacher.hidden_states[t], self.hidden_loss_kind, token_mask
+                )
+                for s, t in self.hidden_layer_map.items()
+            )
+            loss = loss + self.hidden_weight * hidden
+            logs["train/hidden_loss"] = hidden
+        if want_attention:
+            query_mask = batch["attention_mask"].bool()
+            attention = sum(
+                attention_loss(student.attentions[s - 1], teacher.attentions[t - 1], query_mask)
+                for s, t in self.attention_layer_map.items()
+            )
+            loss = loss + self.attention_weight * attention
+            logs["train/attention_loss"] = attention
+        logs["train/loss"] = loss
+        self.log_dict(logs, prog_bar=False)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _teacher_outputs(
+        self, batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], hidden: bool, attention: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        if self.teacher is None:
+            if "teacher_topk_values" not in batch:
+                raise ConfigurationError(
+                    "teacher=None needs batches with cached teacher logits: wrap the datamodule in TeacherLogitsDataModule."
+                )
+            return batch["teacher_topk_values"], batch["teacher_topk_indices"], None
+        with torch.no_grad():
+            teacher = self.teacher(**inputs, output_hidden_states=hidden, output_attentions=attention)
+        return teacher.logits, None, teacher
+
+    def _maybe_on_policy(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+        """With probability λ (seeded by the step, so resume is exact), swap completions for student samples."""
+        if self.on_policy_fraction <= 0:
+            return batch, False
+        draw = torch.rand((), generator=torch.Generator().manual_seed(self.seed * 1_000_003 + self.global_step))
+        if float(draw) >= self.on_policy_fraction:
+            return batch, False
+        if "document_ids" in batch:
+            raise ConfigurationError("on-policy distillation needs unpacked batches: set the datamodule's packing=False.")
+        return self._student_completions(batch), True
+
+    @torch.no_grad()
+    def _student_completions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels, input_ids = batch["labels"], batch["input_ids"]
+        labelled = labels != IGNORE_INDEX
+        prompt_lengths = labelled.int().argmax(dim=1).tolist()  # first completion token = end of the prompt
+        completion_lengths = labelled.sum(dim=1)
+        pad = self._special_id("pad_token_id")
+        pad = pad if pad is not None else 0
+        prompts = [input_ids[i, :n].tolist() for i, n in enumerate(prompt_lengths)]
+        width = max(len(p) for p in prompts)
+        prompt_ids = input_ids.new_full((len(prompts), width), pad)
+        prompt_mask = torch.zeros_like(prompt_ids)
+        for i, prompt in enumerate(prompts):
+            prompt_ids[i, width - len(prompt) :] = torch.tensor(prompt)
+            prompt_mask[i, width - len(prompt) :] = 1
+        sampled = self.generate(prompt_ids, prompt_mask, do_sample=True, max_new_tokens=int(completion_lengths.max()))
+        sampled = sampled[:, width:]
+        eos = self._special_id("eos_token_id")
+        rows, row_labels = [], []
+        for i, prompt in enumerate(prompts):
+            completion = sampled[i].tolist()
+            if eos is not None and eos in completion:
+                completion = completion[: completion.index(eos) + 1]
+            if not completion:
+                completion = [eos if eos is not None else pad]
+            rows.append(prompt + completion)
+            row_labels.append([IGNORE_INDEX] * len(prompt) + completion)
+        length = max(len(r) for r in rows)
+        out = {
+            "input_ids": input_ids.new_full((len(rows), length), pad),
+            "attention_mask": input_ids.new_zeros((len(rows), length)),
+            "labels": input_ids.new_full((len(rows), length), IGNORE_INDEX),
+        }
+        for i, (row, row_label) in enumerate(zip(rows, row_labels)):
+            out["input_ids"][i, : len(row)] = torch.tensor(row)
+            out["attention_mask"][i, : len(row)] = 1
+            out["labels"][i, : len(row)] = torch.tensor(row_label)
+        return out
+
+
+def _num_layers(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigurationError(f"cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its config).")
+
+
+def _width(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("hidden_size", "n_embd", "d_model"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigurationError(f"cannot tell the hidden width of {type(model).__name__} (no hidden_size in its config).")
+
