@@ -244,7 +244,6 @@ class DistillationModule(SFTModule):
             )
             loss = loss + self.attention_weight * attention
             logs["train/attention_loss"] = attention
-        logs["train/loss"] = loss
         self.log_dict(logs, prog_bar=False)
         self.log("train/loss", loss, prog_bar=True)
         return loss
