@@ -49,7 +49,9 @@ class StepTimer(L.Callback):
     def on_train_batch_start(self, trainer: L.Trainer, module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         self._start = time.perf_counter()
 
-    def on_train_batch_end(self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: L.Trainer, module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         self.times.append(time.perf_counter() - self._start)
 
     def median(self, skip: int = 5) -> float:
@@ -64,7 +66,9 @@ def trainer(max_steps: int, *callbacks: L.Callback) -> L.Trainer:
 
 
 def gpt2(n_layer: int, n_embd: int) -> GPT2Config:
-    return GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return GPT2Config(
+        n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
 
 
 def exact_match(module: L.LightningModule, dm: L.LightningDataModule) -> float:
@@ -90,15 +94,26 @@ def arithmetic(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     for name, make in {
         "sft": lambda: SFTModule(student_config, learning_rate=2e-3, weight_decay=0.1),
         "distill": lambda: DistillationModule(
-            student_config, teacher_dir, alpha=args.alpha, temperature=args.temperature, loss=args.loss,
-            learning_rate=2e-3, weight_decay=0.1,
-        ),  # fmt: skip
+            student_config,
+            teacher_dir,
+            alpha=args.alpha,
+            temperature=args.temperature,
+            loss=args.loss,
+            learning_rate=2e-3,
+            weight_decay=0.1,
+        ),
     }.items():
         L.seed_everything(0)
         module, timer = make(), StepTimer()
         trainer(args.student_steps, timer).fit(module, ArithmeticDataModule(**data))
-        runs[name] = {"exact_match": exact_match(module, ArithmeticDataModule(**data)), "step_s": timer.median(), "params": params(module)}
-        print(f"student ({name}): {runs[name]['params']:,} parameters, held-out exact match {runs[name]['exact_match']:.3f}")
+        runs[name] = {
+            "exact_match": exact_match(module, ArithmeticDataModule(**data)),
+            "step_s": timer.median(),
+            "params": params(module),
+        }
+        print(
+            f"student ({name}): {runs[name]['params']:,} parameters, held-out exact match {runs[name]['exact_match']:.3f}"
+        )
 
     # offline: the teacher's top-k logits cached once, then training without the teacher
     cache = os.path.join(workdir, "teacher_top16.pt")
@@ -106,8 +121,13 @@ def arithmetic(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     TeacherLogitsDataModule(ArithmeticDataModule(**data), cache_path=cache, teacher=teacher_dir, top_k=16).setup("fit")
     cache_s = time.perf_counter() - start
     L.seed_everything(0)
-    offline, timer = DistillationModule(student_config, None, alpha=args.alpha, temperature=args.temperature, learning_rate=2e-3), StepTimer()
-    trainer(args.timing_steps, timer).fit(offline, TeacherLogitsDataModule(ArithmeticDataModule(**data), cache_path=cache))
+    offline, timer = (
+        DistillationModule(student_config, None, alpha=args.alpha, temperature=args.temperature, learning_rate=2e-3),
+        StepTimer(),
+    )
+    trainer(args.timing_steps, timer).fit(
+        offline, TeacherLogitsDataModule(ArithmeticDataModule(**data), cache_path=cache)
+    )
     offline_step = timer.median()
 
     # the peer of a distillation step: one student SFT step plus one teacher forward, same batches
@@ -194,15 +214,23 @@ def minilm(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     for name, make in {
         "sft": lambda: SFTModule(student_factory, task="sequence_classification", learning_rate=1e-4, warmup_steps=0.1),
         "distill": lambda: DistillationModule(
-            student_factory, teacher_dir, task="sequence_classification", alpha=0.5, temperature=2.0,
-            hidden_layer_map={1: 3, 2: 6}, learning_rate=1e-4, warmup_steps=0.1,
-        ),  # fmt: skip
+            student_factory,
+            teacher_dir,
+            task="sequence_classification",
+            alpha=0.5,
+            temperature=2.0,
+            hidden_layer_map={1: 3, 2: 6},
+            learning_rate=1e-4,
+            warmup_steps=0.1,
+        ),
     }.items():
         L.seed_everything(0)
         module = make()
         trainer(args.minilm_steps).fit(module, data())
         results[name] = {"params": params(module), "accuracy": accuracy(module)}
-        print(f"2-layer student ({name}): {results[name]['params']:,} parameters, test accuracy {results[name]['accuracy']:.3f}")
+        print(
+            f"2-layer student ({name}): {results[name]['params']:,} parameters, test accuracy {results[name]['accuracy']:.3f}"
+        )
     return results
 
 
@@ -222,7 +250,11 @@ def main() -> None:
     if args.quick:
         args.teacher_steps, args.student_steps, args.timing_steps, args.minilm_steps = 60, 30, 12, 6
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available()
+        else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    )
     result: dict[str, Any] = {"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
     with tempfile.TemporaryDirectory() as workdir:
         result["arithmetic"] = arithmetic(args, workdir)

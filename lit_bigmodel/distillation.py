@@ -101,7 +101,9 @@ class DistillationModule(SFTModule):
         if hidden_loss not in ("mse", "cosine"):
             problems.append(f"`hidden_loss` must be 'mse' or 'cosine', got {hidden_loss!r}.")
         if hidden_weight < 0 or attention_weight < 0:
-            problems.append(f"`hidden_weight` and `attention_weight` must be >= 0, got {hidden_weight!r}, {attention_weight!r}.")
+            problems.append(
+                f"`hidden_weight` and `attention_weight` must be >= 0, got {hidden_weight!r}, {attention_weight!r}."
+            )
         for name, layer_map in (("hidden_layer_map", hidden_layer_map), ("attention_layer_map", attention_layer_map)):
             if layer_map is not None and any(int(k) < 0 or int(v) < 0 for k, v in layer_map.items()):
                 problems.append(f"`{name}` must map non-negative layer indices, got {dict(layer_map)!r}.")
@@ -163,23 +165,29 @@ class DistillationModule(SFTModule):
                 f"teacher and student must share the vocabulary: the student embeds {student_vocab} tokens, "
                 f"the teacher {teacher_vocab}."
             )
-        if self.tokenizer is not None and self.teacher_tokenizer is not None:
-            if self.tokenizer.get_vocab() != self.teacher_tokenizer.get_vocab():
-                ours, theirs = self.tokenizer.get_vocab(), self.teacher_tokenizer.get_vocab()
-                differing = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
-                raise ConfigurationError(
-                    f"teacher and student tokenizers differ (size {len(ours)} vs {len(theirs)}; "
-                    f"e.g. token ids {differing}): distillation needs the same vocabulary and ids."
-                )
+        if self.tokenizer is None or self.teacher_tokenizer is None:
+            return
+        ours, theirs = self.tokenizer.get_vocab(), self.teacher_tokenizer.get_vocab()
+        if ours != theirs:
+            differing = sorted(set(ours.items()) ^ set(theirs.items()))[:3]
+            raise ConfigurationError(
+                f"teacher and student tokenizers differ (size {len(ours)} vs {len(theirs)}; "
+                f"e.g. token ids {differing}): distillation needs the same vocabulary and ids."
+            )
 
     def _check_layer_maps_and_build_projections(self) -> None:
         if not self.hidden_layer_map and not self.attention_layer_map:
             return
         if self.teacher is None:
-            raise ConfigurationError("hidden-state and attention matching need the teacher in memory (teacher=None given).")
+            raise ConfigurationError(
+                "hidden-state and attention matching need the teacher in memory (teacher=None given)."
+            )
         s_layers, t_layers = _num_layers(self.model), _num_layers(self.teacher)
         problems = []
-        for name, layer_map, low in (("hidden_layer_map", self.hidden_layer_map, 0), ("attention_layer_map", self.attention_layer_map, 1)):
+        for name, layer_map, low in (
+            ("hidden_layer_map", self.hidden_layer_map, 0),
+            ("attention_layer_map", self.attention_layer_map, 1),
+        ):
             for s, t in layer_map.items():
                 if not (low <= s <= s_layers and low <= t <= t_layers):
                     problems.append(
@@ -226,22 +234,33 @@ class DistillationModule(SFTModule):
             hard = self.loss_from_logits(student.logits, batch)
             loss = loss + alpha * hard
             logs["train/hard_loss"] = hard
-        token_mask = batch["attention_mask"].bool() if self.task == "sequence_classification" else (batch["labels"] != IGNORE_INDEX)
+        token_mask = (
+            batch["attention_mask"].bool()
+            if self.task == "sequence_classification"
+            else (batch["labels"] != IGNORE_INDEX)
+        )
         if want_hidden:
-            hidden = sum(
-                hidden_state_loss(
-                    self.projections[str(s)](student.hidden_states[s]), teacher.hidden_states[t], self.hidden_loss_kind, token_mask
-                )
-                for s, t in self.hidden_layer_map.items()
-            )
+            hidden = torch.stack(
+                [
+                    hidden_state_loss(
+                        self.projections[str(s)](student.hidden_states[s]),
+                        teacher.hidden_states[t],
+                        self.hidden_loss_kind,
+                        token_mask,
+                    )
+                    for s, t in self.hidden_layer_map.items()
+                ]
+            ).sum()
             loss = loss + self.hidden_weight * hidden
             logs["train/hidden_loss"] = hidden
         if want_attention:
             query_mask = batch["attention_mask"].bool()
-            attention = sum(
-                attention_loss(student.attentions[s - 1], teacher.attentions[t - 1], query_mask)
-                for s, t in self.attention_layer_map.items()
-            )
+            attention = torch.stack(
+                [
+                    attention_loss(student.attentions[s - 1], teacher.attentions[t - 1], query_mask)
+                    for s, t in self.attention_layer_map.items()
+                ]
+            ).sum()
             loss = loss + self.attention_weight * attention
             logs["train/attention_loss"] = attention
         self.log_dict(logs, prog_bar=False)
@@ -269,7 +288,9 @@ class DistillationModule(SFTModule):
         if float(draw) >= self.on_policy_fraction:
             return batch, False
         if "document_ids" in batch:
-            raise ConfigurationError("on-policy distillation needs unpacked batches: set the datamodule's packing=False.")
+            raise ConfigurationError(
+                "on-policy distillation needs unpacked batches: set the datamodule's packing=False."
+            )
         return self._student_completions(batch), True
 
     @torch.no_grad()
@@ -318,7 +339,9 @@ def _num_layers(model: nn.Module) -> int:
         value = getattr(config, name, None)
         if isinstance(value, int):
             return value
-    raise ConfigurationError(f"cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its config).")
+    raise ConfigurationError(
+        f"cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its config)."
+    )
 
 
 def _width(model: nn.Module) -> int:
@@ -328,4 +351,3 @@ def _width(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise ConfigurationError(f"cannot tell the hidden width of {type(model).__name__} (no hidden_size in its config).")
-

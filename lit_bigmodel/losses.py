@@ -51,7 +51,7 @@ def _restrict_to_top_k(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, top_k: int | None, teacher_indices: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Both distributions over the teacher's top-k tokens only (renormalised there), or unchanged."""
-    if teacher_indices is not None:                       # teacher_logits already hold the top-k values
+    if teacher_indices is not None:  # teacher_logits already hold the top-k values
         return student_logits.gather(-1, teacher_indices), teacher_logits
     if top_k is None or top_k >= teacher_logits.shape[-1]:
         return student_logits, teacher_logits
@@ -138,7 +138,9 @@ def hidden_state_loss(
     return _masked_mean(per_position, mask)
 
 
-def attention_loss(student_attention: torch.Tensor, teacher_attention: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def attention_loss(
+    student_attention: torch.Tensor, teacher_attention: torch.Tensor, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """KL(teacher ‖ student) between attention maps ``(B, H, T, T)`` (rows are distributions over keys).
 
     ``mask`` ``(B, T)`` selects the query positions that count. Heads must align (same H).
@@ -151,5 +153,5 @@ def attention_loss(student_attention: torch.Tensor, teacher_attention: torch.Ten
     eps = 1e-12
     p_t = teacher_attention.float()
     per_row = (p_t * ((p_t + eps).log() - (student_attention.float() + eps).log())).sum(-1)  # (B, H, T)
-    per_position = per_row.mean(1)                                                             # (B, T)
+    per_position = per_row.mean(1)  # (B, T)
     return _masked_mean(per_position, mask)

@@ -93,3 +93,25 @@ def test_console_script_exits_zero_after_a_run(tmp_path, monkeypatch):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "val/loss" in done.stdout
+
+
+def test_distillation_recipe_uses_the_demo_teacher(tmp_path):
+    teacher = tmp_path / "teacher"
+    main(_short(tmp_path, "--export_dir", str(teacher)))  # the demo, shortened, exports the teacher
+    config = str(Path(CONFIG).with_name("distill_tiny.yaml"))
+    cli = main(
+        [
+            "fit", "-c", config, "--model.init_args.teacher", str(teacher), "--trainer.max_steps", "5",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path), "--test_after_fit", "false",
+            "--data.init_args.num_test", "50", "--data.init_args.num_val", "50", "--export_dir", str(tmp_path / "student"),
+        ]
+    )  # fmt: skip
+    assert cli.model.teacher.config.n_layer == 3 and cli.model.model.config.n_layer == 2
+    assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+def test_classification_distillation_config_parses():
+    config = str(Path(CONFIG).with_name("distill_classification.yaml"))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "-c", config, "--print_config"])
+    assert exit_info.value.code == 0

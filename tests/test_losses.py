@@ -103,7 +103,9 @@ def test_hidden_and_attention_losses_equal_reference():
         attention_loss(a_s, a_t[:, :2])
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"temperature": -1.0}, "temperature"), ({"beta": 1.5}, "beta"), ({"kind": "l1"}, "kind")])
+@pytest.mark.parametrize(
+    ("kwargs", "name"), [({"temperature": -1.0}, "temperature"), ({"beta": 1.5}, "beta"), ({"kind": "l1"}, "kind")]
+)
 def test_distillation_loss_invalid_arguments(kwargs, name):
     with pytest.raises(ValueError, match=f"`{name}`"):
         distillation_loss(torch.randn(2, 3), torch.randn(2, 3), **kwargs)

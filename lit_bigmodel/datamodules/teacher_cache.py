@@ -49,7 +49,9 @@ class TeacherLogitsDataModule(L.LightningDataModule):
         if teacher is None and not os.path.isfile(cache_path):
             raise MissingPathError(f"teacher-logit cache {cache_path!r} does not exist; pass `teacher` to compute it.")
         if getattr(datamodule, "packing", False):
-            raise ConfigurationError("cached teacher logits need unpacked examples: set the datamodule's packing=False.")
+            raise ConfigurationError(
+                "cached teacher logits need unpacked examples: set the datamodule's packing=False."
+            )
         self.datamodule = datamodule
         self.cache_path = cache_path
         self.teacher = teacher
@@ -92,7 +94,7 @@ class TeacherLogitsDataModule(L.LightningDataModule):
             chunk = train[start : start + self.batch_size]
             batch = collate(chunk)
             inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-            logits = teacher(**inputs).logits.float()                             # (B, T, V) or (B, C)
+            logits = teacher(**inputs).logits.float()  # (B, T, V) or (B, C)
             values, indices = logits.topk(min(self.top_k, logits.shape[-1]), dim=-1)
             for i, example in enumerate(chunk):
                 if logits.dim() == 3:
@@ -127,7 +129,9 @@ class TeacherLogitsDataModule(L.LightningDataModule):
 class _WithTeacherLogits:
     """Collate with the wrapped collator, then add the cached teacher top-k, padded to the batch length."""
 
-    def __init__(self, collate: Callable[[list[Any]], dict[str, torch.Tensor]], cache: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(
+        self, collate: Callable[[list[Any]], dict[str, torch.Tensor]], cache: list[tuple[torch.Tensor, torch.Tensor]]
+    ):
         self.collate = collate
         self.cache = cache
 
