@@ -5,8 +5,15 @@ Optional dependencies (deepspeed, wandb) are imported only where they are used.
 
 from lit_bigmodel.distillation import DistillationModule
 from lit_bigmodel.errors import ConfigurationError, DataError, LitBigModelError, MissingPathError, OutputExistsError
-from lit_bigmodel.losses import attention_loss, causal_lm_loss, distillation_loss, hidden_state_loss
+from lit_bigmodel.losses import (
+    attention_loss,
+    causal_lm_loss,
+    distillation_loss,
+    hidden_state_loss,
+    policy_gradient_loss,
+)
 from lit_bigmodel.nets.builders import build_model
+from lit_bigmodel.seqgan import SeqGANModule
 from lit_bigmodel.sft import SFTModule
 
 __version__ = "0.1.0"
@@ -19,9 +26,11 @@ __all__ = [
     "MissingPathError",
     "OutputExistsError",
     "SFTModule",
+    "SeqGANModule",
     "attention_loss",
     "build_model",
     "causal_lm_loss",
     "distillation_loss",
     "hidden_state_loss",
+    "policy_gradient_loss",
 ]

@@ -155,3 +155,41 @@ def attention_loss(
     per_row = (p_t * ((p_t + eps).log() - (student_attention.float() + eps).log())).sum(-1)  # (B, H, T)
     per_position = per_row.mean(1)  # (B, T)
     return _masked_mean(per_position, mask)
+
+
+# ----------------------------------------------------------------------------- policy gradient
+def policy_gradient_loss(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    rewards: torch.Tensor,
+    baseline: torch.Tensor | float | None = None,
+    mask: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """REINFORCE loss: −Σ_t log π(y_t | y_<t) · (r_t − b), SeqGAN's generator objective.
+
+    Args:
+        logits: ``(B, T, V)`` teacher-forced logits of the sampled ``tokens`` ``(B, T)``.
+        rewards: ``(B, T)``, treated as constants (no gradient flows into them).
+        baseline: subtracted from the rewards (a number, or a tensor broadcastable to ``(B, T)``).
+        mask: ``(B, T)`` bool, tokens that count.
+        reduction: ``"mean"`` over counted tokens, or ``"sum"`` (the released SeqGAN code).
+
+    Example::
+
+        loss = policy_gradient_loss(generator(samples), samples, rewards, baseline=rewards.mean())
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    log_probs = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[..., None])[..., 0]  # (B, T)
+    advantage = rewards.detach().float()
+    if baseline is not None:
+        advantage = advantage - baseline
+    weighted = log_probs * advantage
+    if mask is not None:
+        weighted = weighted * mask.to(weighted.dtype)
+    total = -weighted.sum()
+    if reduction == "sum":
+        return total
+    count = mask.sum().clamp(min=1) if mask is not None else torch.tensor(float(tokens.numel()))
+    return total / count

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import math
 import os
-import random
 import shutil
 import tempfile
 from typing import Any, Literal, cast
 
 import lightning as L
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -18,6 +16,7 @@ from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel._rng import restore_rng_states, rng_states
 from lit_bigmodel.datamodules.packing import block_causal_mask
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError, OutputExistsError
@@ -371,7 +370,7 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_bigmodel_rng_states"] = _rng_states()
+        checkpoint["lit_bigmodel_rng_states"] = rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
@@ -379,7 +378,7 @@ class SFTModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Restored here, not at load time: creating the data iterator in between draws random numbers.
         if self._pending_rng_states is not None:
-            _restore_rng_states(self._pending_rng_states)
+            restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
 
 
@@ -396,25 +395,3 @@ def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> A
         return min_ratio + (1 - min_ratio) * shape
 
     return factor
-
-
-def _rng_states() -> dict[str, Any]:
-    """Random states of torch (CPU, CUDA), Python and NumPy, in types that ``torch.load(weights_only=True)`` accepts."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()  # type: ignore[misc]
-    states: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "python": random.getstate(),
-        "numpy": [kind, torch.from_numpy(np.asarray(keys).astype(np.int64)), pos, has_gauss, cached],
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _restore_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    random.setstate(states["python"])
-    kind, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

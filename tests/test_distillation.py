@@ -259,3 +259,12 @@ def test_distilled_student_beats_sft_alone_on_the_same_budget(tmp_path):
         tiny_trainer(tmp_path, max_steps=150, limit_val_batches=0).fit(student, ArithmeticDataModule(**data))
         scores[name] = exact_match(student)
     assert scores["distill"] > scores["sft"] + 0.05, scores
+
+
+def test_bfloat16_teacher(tmp_path):
+    module = DistillationModule(
+        _gpt2(1, 32), _gpt2(2, 32), teacher_dtype="bfloat16", hidden_layer_map={1: 2}, learning_rate=1e-3
+    )
+    tiny_trainer(tmp_path, max_steps=2, limit_val_batches=0).fit(module, _arith())
+    assert {p.dtype for p in module.teacher.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.model.parameters()} == {torch.float32}

@@ -4,6 +4,7 @@ from lit_bigmodel.datamodules._base import TokenizedDataModule
 from lit_bigmodel.datamodules.arithmetic import ArithmeticDataModule
 from lit_bigmodel.datamodules.classification import TextClassificationDataModule
 from lit_bigmodel.datamodules.instruction import InstructionDataModule
+from lit_bigmodel.datamodules.oracle import OracleDataModule
 from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
 from lit_bigmodel.datamodules.teacher_cache import TeacherLogitsDataModule
 from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
@@ -12,6 +13,7 @@ from lit_bigmodel.datamodules.tokenization import build_char_tokenizer, load_tok
 __all__ = [
     "ArithmeticDataModule",
     "InstructionDataModule",
+    "OracleDataModule",
     "PlainTextDataModule",
     "TeacherLogitsDataModule",
     "TextClassificationDataModule",

@@ -1,0 +1,158 @@
+"""Monte Carlo rollout rewards for SeqGAN, batched over every prefix and rollout at once.
+
+For a sampled sequence y_1..y_T, the reward of token t < T is the mean, over N continuations of
+y_1..y_t sampled from the rollout policy, of the discriminator's P(real) of the completed
+sequence; the reward of token T is D's P(real) of y itself (Yu et al. 2017, eq. 4).
+
+Batched: the prefixes are read once (`LSTMGenerator.prefix_states`), all B × (T−1) × N
+continuations are sampled together — rows ordered by prefix length, so at step s only the rows
+that still have tokens to write are advanced — and D scores all of them in one call. The loop over
+time steps stays (sampling is sequential); there is no Python loop over rollouts or prefixes.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from lit_bigmodel.nets.cnn_discriminator import CNNDiscriminator
+from lit_bigmodel.nets.lstm import LSTMGenerator, sample_categorical
+
+
+def make_rollout_policy(generator: nn.Module) -> nn.Module:
+    """A frozen copy of the generator, to be moved towards it with `update_rollout_policy`."""
+    policy = copy.deepcopy(generator)
+    policy.requires_grad_(False)
+    return policy.eval()
+
+
+@torch.no_grad()
+def update_rollout_policy(policy: nn.Module, generator: nn.Module, rate: float = 0.8) -> None:
+    """``policy ← rate · policy + (1 − rate) · generator`` (embeddings copied outright), as SeqGAN's code does."""
+    if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"`rate` must be in [0, 1], got {rate!r}.")
+    for (name, target), source in zip(policy.state_dict().items(), generator.state_dict().values()):
+        if not target.is_floating_point() or "embed" in name or "wte" in name:
+            target.copy_(source)
+        else:
+            target.mul_(rate).add_(source, alpha=1 - rate)
+
+
+def _real_probability(discriminator: nn.Module, tokens: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    if isinstance(discriminator, CNNDiscriminator):
+        return discriminator.real_probability(tokens, chunk_size)
+    parts = tokens.split(chunk_size) if chunk_size else (tokens,)
+    return torch.cat([torch.softmax(_logits(discriminator(part)).float(), -1)[:, -1] for part in parts])
+
+
+def _logits(output: object) -> torch.Tensor:
+    return output.logits if hasattr(output, "logits") else output  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def monte_carlo_rewards(
+    policy: nn.Module,
+    discriminator: nn.Module,
+    samples: torch.Tensor,
+    num_rollouts: int = 16,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    return_rollouts: bool = False,
+) -> torch.Tensor:
+    """Rewards ``(B, T)`` for ``samples`` ``(B, T)``; with ``return_rollouts``, also the per-rollout ``(B, T-1, N)``.
+
+    ``policy`` is an `LSTMGenerator` (fast path: continues from cached states) or any module whose
+    ``forward(tokens)`` returns teacher-forced logits ``(B, T, V)`` (e.g. `HFCausalLMGenerator`).
+    ``chunk_size`` bounds the rows D scores at a time (memory), not the batching of the rollouts.
+
+    Example::
+
+        rewards = monte_carlo_rewards(rollout_policy, D, generator.sample(64), num_rollouts=16)  # (64, 20)
+    """
+    if num_rollouts < 1:
+        raise ValueError(f"`num_rollouts` must be >= 1, got {num_rollouts!r}.")
+    batch, length = samples.shape
+    was_training = discriminator.training
+    discriminator.eval()
+    try:
+        final = _real_probability(discriminator, samples, chunk_size)  # (B,)
+        if length == 1:
+            rewards = final[:, None]
+            return (rewards, rewards.new_zeros(batch, 0, num_rollouts)) if return_rollouts else rewards  # type: ignore[return-value]
+        rows = _rollout_sequences(policy, samples, num_rollouts, generator)  # ((T-1)·B·N, T), prefix-major
+        scores = _real_probability(discriminator, rows, chunk_size)
+    finally:
+        discriminator.train(was_training)
+    per_rollout = scores.view(length - 1, batch, num_rollouts).permute(1, 0, 2)  # (B, T-1, N)
+    rewards = torch.cat([per_rollout.mean(dim=-1), final[:, None]], dim=1)  # (B, T)
+    if return_rollouts:
+        return rewards, per_rollout  # type: ignore[return-value]
+    return rewards
+
+
+def _rollout_sequences(
+    policy: nn.Module, samples: torch.Tensor, num_rollouts: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """All continuations: row (t-1)·B·N + b·N + n keeps ``samples[b, :t]`` and samples the rest."""
+    batch, length = samples.shape
+    per_prefix = batch * num_rollouts
+    prefix_len = torch.arange(1, length, device=samples.device).repeat_interleave(per_prefix)  # (R,), ascending
+    sequences = samples.repeat_interleave(num_rollouts, dim=0).repeat(length - 1, 1)  # (R, T)
+    rows = torch.arange(sequences.shape[0], device=samples.device)
+    if isinstance(policy, LSTMGenerator):
+        h, c = policy.prefix_states(samples)  # (B, T, H): after y_1..y_t
+        h = h[:, : length - 1].transpose(0, 1).repeat_interleave(num_rollouts, dim=1).reshape(-1, h.shape[-1])
+        c = c[:, : length - 1].transpose(0, 1).repeat_interleave(num_rollouts, dim=1).reshape(-1, c.shape[-1])
+        state = (h[None], c[None])  # (1, R, H)
+        logits = policy.output(h)  # (R, V): predicts index prefix_len
+        for step in range(length - 1):
+            active = per_prefix * (length - 1 - step)  # rows whose prefix is short enough to still write
+            position = prefix_len[:active] + step
+            token = sample_categorical(logits[:active], generator)
+            sequences[rows[:active], position] = token
+            if step < length - 2:
+                keep = per_prefix * (length - 2 - step)
+                state = (state[0][:, :keep], state[1][:, :keep])
+                logits, state = policy.step(token[:keep], state)
+        return sequences
+    for step in range(length - 1):  # any teacher-forced generator: recompute over the whole row
+        active = per_prefix * (length - 1 - step)
+        position = prefix_len[:active] + step
+        logits = _logits(policy(sequences[:active]))  # (R', T, V)
+        token = sample_categorical(logits[rows[:active], position], generator)
+        sequences[rows[:active], position] = token
+    return sequences
+
+
+@torch.no_grad()
+def monte_carlo_rewards_reference(
+    policy: nn.Module,
+    discriminator: nn.Module,
+    samples: torch.Tensor,
+    num_rollouts: int = 16,
+    generator: torch.Generator | None = None,
+    return_rollouts: bool = False,
+) -> torch.Tensor:
+    """The plain loop (over rollouts, prefixes and steps) of the released SeqGAN code: the reference for tests and benchmarks."""
+    batch, length = samples.shape
+    was_training = discriminator.training
+    discriminator.eval()
+    per_rollout = samples.new_zeros((batch, length - 1, num_rollouts), dtype=torch.float)
+    for n in range(num_rollouts):
+        for t in range(1, length):
+            sequence = samples.clone()
+            for position in range(t, length):
+                if isinstance(policy, LSTMGenerator):
+                    logits = policy(sequence)[:, position]  # recomputed from the start, as a plain loop does
+                else:
+                    logits = _logits(policy(sequence))[:, position]
+                sequence[:, position] = sample_categorical(logits, generator)
+            per_rollout[:, t - 1, n] = _real_probability(discriminator, sequence, None)
+    final = _real_probability(discriminator, samples, None)
+    discriminator.train(was_training)
+    rewards = torch.cat([per_rollout.mean(dim=-1), final[:, None]], dim=1)
+    if return_rollouts:
+        return rewards, per_rollout  # type: ignore[return-value]
+    return rewards

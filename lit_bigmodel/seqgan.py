@@ -1,0 +1,356 @@
+"""`SeqGANModule`: SeqGAN (Yu et al., AAAI 2017) with manual optimization and batched Monte Carlo rollouts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Union, cast
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_bigmodel._rng import restore_rng_states, rng_states
+from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.losses import policy_gradient_loss
+from lit_bigmodel.metrics import NLLOracle
+from lit_bigmodel.nets.cnn_discriminator import CNNDiscriminator
+from lit_bigmodel.rollout import make_rollout_policy, monte_carlo_rewards, update_rollout_policy
+
+NetworkSource = Union[nn.Module, Callable[[], nn.Module]]
+PHASES = ("mle", "d_pretrain", "adversarial", "done")
+
+
+class SeqGANModule(L.LightningModule):
+    """SeqGAN: MLE pretraining of G, pretraining of D, then adversarial training with policy gradient.
+
+    Each training step does one unit of the schedule on the real batch it is given:
+
+    1. ``mle``: ``mle_epochs`` epochs of maximum-likelihood steps for G (Adam ``g_lr``, clip ``g_clip``);
+    2. ``d_pretrain``: ``d_pretrain_rounds`` × (fresh negatives from G, ``d_epochs`` epochs of D
+       steps, each on a real batch and an equally large batch of negatives);
+    3. ``adversarial``: ``adv_epochs`` × (``g_steps`` policy-gradient steps on G with Monte Carlo
+       rewards from ``rollout_num`` rollouts of the delayed rollout policy — updated with
+       ``rollout_update_rate`` after the G steps — then ``d_steps`` × (fresh negatives, ``d_epochs``
+       epochs of D)).
+
+    An epoch is one pass of the real data's loader. Phase and counters, the negatives and the
+    rollout policy live in the checkpoint, so a resumed run continues inside its phase, exactly.
+    The module stops the trainer when the schedule is done (use ``max_epochs=-1``). NLL-oracle is
+    logged as ``nll_oracle`` every ``eval_every`` epochs of the MLE and adversarial phases (from
+    ``nll_samples`` samples), when the datamodule has an ``oracle``.
+
+    Args:
+        generator: an `LSTMGenerator`, an `HFCausalLMGenerator`, or a factory returning one.
+        discriminator: default: the paper's `CNNDiscriminator` for G's vocabulary.
+        pg_baseline: subtract the batch-mean reward in the policy gradient.
+
+    Raises:
+        ConfigurationError: invalid arguments; a DeepSpeed strategy (one optimizer only).
+
+    Example::
+
+        module = SeqGANModule(LSTMGenerator(5000, 32, 32, 20), mle_epochs=120, adv_epochs=200)
+        L.Trainer(max_epochs=-1).fit(module, OracleDataModule("seqgan_oracle_lstm.npz"))
+    """
+
+    def __init__(
+        self,
+        generator: NetworkSource,
+        discriminator: NetworkSource | None = None,
+        mle_epochs: int = 120,
+        d_pretrain_rounds: int = 50,
+        d_epochs: int = 3,
+        adv_epochs: int = 200,
+        g_steps: int = 1,
+        d_steps: int = 5,
+        rollout_num: int = 16,
+        rollout_update_rate: float = 0.8,
+        g_lr: float = 0.01,
+        d_lr: float = 1e-4,
+        g_clip: float = 5.0,
+        pg_baseline: bool = False,
+        pg_reduction: str = "sum",
+        nll_samples: int = 10_000,
+        eval_every: int = 5,
+        d_chunk_size: int | None = 8192,
+    ) -> None:
+        super().__init__()
+        problems = []
+        for name, value in (
+            ("mle_epochs", mle_epochs),
+            ("d_pretrain_rounds", d_pretrain_rounds),
+            ("adv_epochs", adv_epochs),
+        ):
+            if value < 0:
+                problems.append(f"`{name}` must be >= 0, got {value!r}.")
+        for name, value in (
+            ("d_epochs", d_epochs),
+            ("g_steps", g_steps),
+            ("d_steps", d_steps),
+            ("rollout_num", rollout_num),
+            ("eval_every", eval_every),
+        ):
+            if value < 1:
+                problems.append(f"`{name}` must be >= 1, got {value!r}.")
+        if not 0.0 <= rollout_update_rate <= 1.0:
+            problems.append(f"`rollout_update_rate` must be in [0, 1], got {rollout_update_rate!r}.")
+        if not (g_lr > 0 and d_lr > 0):
+            problems.append(f"`g_lr` and `d_lr` must be > 0, got {g_lr!r} and {d_lr!r}.")
+        if pg_reduction not in ("sum", "mean"):
+            problems.append(f"`pg_reduction` must be 'sum' or 'mean', got {pg_reduction!r}.")
+        if nll_samples < 0:
+            problems.append(f"`nll_samples` must be >= 0, got {nll_samples!r}.")
+        if problems:
+            raise ConfigurationError(" ".join(problems))
+        self.save_hyperparameters(ignore=["generator", "discriminator"])
+        self.automatic_optimization = False
+        self.cfg: Any = self.hparams  # the settings, by attribute
+        self._generator_source, self._discriminator_source = generator, discriminator
+        self.generator: Any = None
+        self.discriminator: Any = None
+        self.rollout_policy: Any = None
+        self.__dict__["nll_oracle"] = None  # set in setup; kept out of the state_dict
+        self.schedule: dict[str, Any] = {
+            "phase": _first_phase(mle_epochs, d_pretrain_rounds, adv_epochs),
+            "epoch": 0,
+            "unit": 0,
+            "batch": 0,
+        }
+        self.negatives: torch.Tensor | None = None
+        self.history: list[dict[str, Any]] = []
+        self._pending_rng_states: dict[str, Any] | None = None
+
+    @property
+    def nll_oracle(self) -> NLLOracle | None:
+        return self.__dict__["nll_oracle"]
+
+    # ------------------------------------------------------------------ building
+    def configure_model(self) -> None:
+        if self.generator is not None:
+            return
+        self.generator = _build(self._generator_source)
+        if self._discriminator_source is None:
+            self.discriminator = CNNDiscriminator(self.generator.vocab_size)
+        else:
+            self.discriminator = _build(self._discriminator_source)
+        self.rollout_policy = make_rollout_policy(self.generator)
+
+    def setup(self, stage: str) -> None:
+        from lightning.pytorch.strategies import DeepSpeedStrategy
+
+        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+            raise ConfigurationError(
+                "SeqGANModule trains two networks with two optimizers, and Lightning's DeepSpeed strategy allows one. "
+                "Use strategy='ddp_find_unused_parameters_true', 'fsdp' or a single device instead."
+            )
+        oracle = getattr(getattr(self.trainer, "datamodule", None), "oracle", None)
+        if oracle is not None and self.nll_oracle is None:
+            # kept out of the module's state_dict: the oracle belongs to the data, not to the model
+            self.__dict__["nll_oracle"] = NLLOracle(oracle)
+
+    def on_fit_start(self) -> None:
+        if self.nll_oracle is not None:
+            self.nll_oracle.to(self.device)
+            if not self.history and self.cfg.nll_samples:  # the untrained generator, for reference
+                value = self.evaluate_nll_oracle(self.cfg.nll_samples)
+                self.history.append({"phase": "untrained", "epoch": 0, "nll_oracle": value})
+
+    def on_fit_end(self) -> None:
+        if self.history and self.trainer.is_global_zero:
+            print("NLL-oracle (per token, lower is better):")
+            for row in self.history:
+                print(f"  {row['phase']:>12} epoch {row['epoch']:>4}: {row['nll_oracle']:.3f}")
+
+    def configure_optimizers(self) -> Any:
+        hp = self.cfg
+        g_opt = torch.optim.Adam(self.generator.parameters(), lr=hp.g_lr)
+        d_opt = torch.optim.Adam(self.discriminator.parameters(), lr=hp.d_lr)
+        return [g_opt, d_opt]
+
+    def _optimizers(self) -> tuple[Any, Any]:
+        g_opt, d_opt = cast(list, self.optimizers())
+        return g_opt, d_opt
+
+    def train(self, mode: bool = True) -> SeqGANModule:
+        super().train(mode)
+        if self.rollout_policy is not None:
+            self.rollout_policy.eval()
+        return self
+
+    # ------------------------------------------------------------------ the schedule
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        real = batch["tokens"]  # (B, T)
+        phase = self.schedule["phase"]
+        if phase == "mle":
+            self._mle_step(real)
+        elif phase == "d_pretrain":
+            self._d_step(real)
+        elif phase == "adversarial":
+            if self.schedule["unit"] < self.cfg.g_steps:
+                self._g_step(real.shape[0], real.shape[1])
+            else:
+                self._d_step(real)
+        self._advance(real.shape[0])
+        if self.schedule["phase"] == "done":
+            self.trainer.should_stop = True
+
+    def _batches_per_epoch(self) -> int:
+        return int(self.trainer.num_training_batches)
+
+    def _advance(self, batch_size: int) -> None:
+        """Move the cursor one unit; start the next epoch / round / phase when one ends."""
+        hp, s = self.cfg, self.schedule
+        per_epoch = self._batches_per_epoch()
+        if s["phase"] == "adversarial" and s["unit"] < hp.g_steps:
+            s["unit"] += 1
+            if s["unit"] == hp.g_steps:
+                update_rollout_policy(self.rollout_policy, self.generator, hp.rollout_update_rate)
+            return
+        s["batch"] += 1
+        if s["batch"] < per_epoch:
+            return
+        s["batch"] = 0
+        if s["phase"] == "mle":
+            s["epoch"] += 1
+            self._maybe_evaluate()
+            if s["epoch"] == hp.mle_epochs:
+                self._enter(_next_phase("mle", hp))
+            return
+        # a D epoch ended
+        s["unit"] += 1
+        d_units = hp.d_epochs if s["phase"] == "d_pretrain" else hp.g_steps + hp.d_steps * hp.d_epochs
+        if s["phase"] == "adversarial" and s["unit"] < d_units and (s["unit"] - hp.g_steps) % hp.d_epochs == 0:
+            self.negatives = None  # the next d-step samples fresh negatives
+        if s["unit"] < d_units:
+            return
+        s["unit"], s["epoch"] = 0, s["epoch"] + 1
+        self.negatives = None
+        total = hp.d_pretrain_rounds if s["phase"] == "d_pretrain" else hp.adv_epochs
+        if s["phase"] == "adversarial":
+            self._maybe_evaluate()
+        if s["epoch"] == total:
+            self._enter(_next_phase(s["phase"], hp))
+
+    def _enter(self, phase: str) -> None:
+        self.schedule.update(phase=phase, epoch=0, unit=0, batch=0)
+        self.negatives = None
+        if phase == "adversarial":
+            self.rollout_policy.load_state_dict(self.generator.state_dict())  # start from the pretrained G
+
+    # ------------------------------------------------------------------ the updates
+    def _mle_step(self, real: torch.Tensor) -> None:
+        g_opt, _ = self._optimizers()
+        logits = self.generator(real)  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), real.reshape(-1))
+        self._g_update(g_opt, loss)
+        self.log("g/mle_loss", loss, prog_bar=True)
+
+    def _g_step(self, batch_size: int, length: int) -> None:
+        g_opt, _ = self._optimizers()
+        samples = self.generator.sample(batch_size)  # (B, T)
+        rewards = monte_carlo_rewards(
+            self.rollout_policy,
+            self.discriminator,
+            samples,
+            self.cfg.rollout_num,
+            chunk_size=self.cfg.d_chunk_size,
+        )  # (B, T)
+        baseline = rewards.mean() if self.cfg.pg_baseline else None
+        loss = policy_gradient_loss(
+            self.generator(samples), samples, rewards, baseline, reduction=self.cfg.pg_reduction
+        )
+        self._g_update(g_opt, loss)
+        self.log_dict({"g/pg_loss": loss, "g/mean_reward": rewards.mean()})
+
+    def _g_update(self, g_opt: Any, loss: torch.Tensor) -> None:
+        g_opt.zero_grad()
+        self.manual_backward(loss)
+        self.clip_gradients(g_opt, gradient_clip_val=self.cfg.g_clip, gradient_clip_algorithm="norm")
+        g_opt.step()
+
+    def _d_step(self, real: torch.Tensor) -> None:
+        _, d_opt = self._optimizers()
+        fake = self._negative_batch(real.shape[0])
+        tokens = torch.cat([real, fake])  # (2B, T)
+        labels = torch.cat([torch.ones(real.shape[0]), torch.zeros(fake.shape[0])]).long().to(real.device)
+        logits = self.discriminator(tokens)  # (2B, 2)
+        loss = F.cross_entropy(logits.float(), labels)
+        penalty = self.discriminator.l2_penalty() if hasattr(self.discriminator, "l2_penalty") else 0.0
+        d_opt.zero_grad()
+        self.manual_backward(loss + penalty)
+        d_opt.step()
+        accuracy = (logits.argmax(-1) == labels).float().mean()
+        self.log_dict({"d/loss": loss, "d/accuracy": accuracy})
+
+    def _negative_batch(self, size: int) -> torch.Tensor:
+        """The next ``size`` negatives of this D round; a fresh pool of one epoch's worth is sampled first."""
+        s = self.schedule
+        if self.negatives is None:
+            count = self._batches_per_epoch() * size
+            self.negatives = torch.cat([self.generator.sample(min(4096, count - i)) for i in range(0, count, 4096)])
+        start = (s["batch"] * size) % self.negatives.shape[0]
+        return self.negatives[start : start + size].to(self.device)
+
+    def _maybe_evaluate(self) -> None:
+        s, hp = self.schedule, self.cfg
+        if self.nll_oracle is None or hp.nll_samples == 0 or s["epoch"] % hp.eval_every:
+            return
+        value = self.evaluate_nll_oracle(hp.nll_samples)
+        self.history.append({"phase": s["phase"], "epoch": s["epoch"], "nll_oracle": value})
+        self.log("nll_oracle", value, prog_bar=True)
+
+    @torch.no_grad()
+    def evaluate_nll_oracle(self, num_samples: int) -> float:
+        """NLL-oracle of ``num_samples`` sequences sampled from G (needs the datamodule's oracle)."""
+        if self.nll_oracle is None:
+            raise ConfigurationError("NLL-oracle needs an oracle: train with an OracleDataModule.")
+        self.nll_oracle.reset()
+        for start in range(0, num_samples, 4096):
+            self.nll_oracle.update(self.generator.sample(min(4096, num_samples - start)))
+        return float(self.nll_oracle.compute())
+
+    # ------------------------------------------------------------------ exact resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["seqgan"] = {
+            "schedule": dict(self.schedule),
+            "negatives": self.negatives,
+            "history": list(self.history),
+        }
+        checkpoint["lit_bigmodel_rng_states"] = rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("seqgan", {})
+        self.schedule = dict(state.get("schedule", self.schedule))
+        self.negatives = state.get("negatives")
+        self.history = list(state.get("history", []))
+        self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng_states is not None:
+            restore_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
+
+
+def _build(source: NetworkSource) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    network = source()
+    if not isinstance(network, nn.Module):
+        raise ConfigurationError(f"a network factory must return an nn.Module, got {type(network).__name__}.")
+    return network
+
+
+def _first_phase(mle_epochs: int, d_rounds: int, adv_epochs: int) -> str:
+    for phase, count in (("mle", mle_epochs), ("d_pretrain", d_rounds), ("adversarial", adv_epochs)):
+        if count > 0:
+            return phase
+    return "done"
+
+
+def _next_phase(phase: str, hp: Any) -> str:
+    counts = {"mle": hp.mle_epochs, "d_pretrain": hp.d_pretrain_rounds, "adversarial": hp.adv_epochs}
+    for later in PHASES[PHASES.index(phase) + 1 : -1]:
+        if counts[later] > 0:
+            return later
+    return "done"
