@@ -73,7 +73,7 @@ class SeqGANModule(L.LightningModule):
         pg_reduction: str = "sum",
         nll_samples: int = 10_000,
         eval_every: int = 5,
-        d_chunk_size: int | None = 8192,
+        d_chunk_size: int | str | None = "auto",
     ) -> None:
         super().__init__()
         problems = []
