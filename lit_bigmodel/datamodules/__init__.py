@@ -8,6 +8,7 @@ from lit_bigmodel.datamodules.oracle import OracleDataModule
 from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
 from lit_bigmodel.datamodules.teacher_cache import TeacherLogitsDataModule
 from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
+from lit_bigmodel.datamodules.text_lines import TextLinesDataModule
 from lit_bigmodel.datamodules.tokenization import build_char_tokenizer, load_tokenizer
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "PlainTextDataModule",
     "TeacherLogitsDataModule",
     "TextClassificationDataModule",
+    "TextLinesDataModule",
     "TokenizedDataModule",
     "block_causal_mask",
     "build_char_tokenizer",

@@ -23,6 +23,11 @@ def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.
     return out
 
 
+def stack_tokens(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fixed-length token rows → ``{"tokens": (B, T)}`` (the batches of SeqGAN's datamodules)."""
+    return {"tokens": torch.stack(batch)}
+
+
 class CausalLMCollator:
     """Pad causal-LM examples; for evaluation also emit left-padded prompts and the target completions.
 

@@ -9,15 +9,12 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from lit_bigmodel.datamodules._collate import stack_tokens
 from lit_bigmodel.datamodules._sampling import build_loader
 from lit_bigmodel.errors import ConfigurationError, MissingPathError
 from lit_bigmodel.nets.lstm import LSTMGenerator
 
 DEFAULT_ORACLE = os.path.join("..", "shared", "data", "seqgan_oracle_lstm.npz")
-
-
-def _stack(batch: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"tokens": torch.stack(batch)}
 
 
 class OracleDataModule(L.LightningDataModule):
@@ -68,6 +65,6 @@ class OracleDataModule(L.LightningDataModule):
         self.setup()
         assert self.data is not None
         return build_loader(
-            list(self.data), batch_size=self.batch_size, collate_fn=_stack, trainer=self.trainer,  # type: ignore[arg-type]
+            list(self.data), batch_size=self.batch_size, collate_fn=stack_tokens, trainer=self.trainer,  # type: ignore[arg-type]
             shuffle=True, seed=self.seed, num_workers=self.num_workers,
         )  # fmt: skip

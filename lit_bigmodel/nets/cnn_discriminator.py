@@ -49,6 +49,16 @@ class CNNDiscriminator(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.output = nn.Linear(features, 2)
         self.l2_output = l2_output
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The released SeqGAN code's initialisation: embedding U(−1, 1); convolution and output weights
+        truncated N(0, 0.1²) with biases 0.1; the highway layer keeps PyTorch's default."""
+        self.embedding.weight.uniform_(-1.0, 1.0)
+        for layer in (*self.convs, self.output):
+            nn.init.trunc_normal_(layer.weight, std=0.1, a=-0.2, b=0.2)
+            nn.init.constant_(layer.bias, 0.1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         x = self.embedding(tokens).transpose(1, 2)  # (B, E, T)

@@ -26,7 +26,8 @@ _GATES = ("i", "f", "c", "o")  # torch.nn.LSTM's order: input, forget, cell (g),
 class LSTMGenerator(nn.Module):
     """An LSTM language model over fixed-length sequences, started from token ``start_token``.
 
-    Shapes: tokens ``(B, T)``; ``forward`` returns logits ``(B, T, V)`` where position t predicts
+    Parameters start from N(0, ``init_std``²) (0.1, as the released SeqGAN code; ``None`` keeps
+    PyTorch's initialisation). Shapes: tokens ``(B, T)``; ``forward`` returns logits ``(B, T, V)`` where position t predicts
     token t from tokens ``< t`` (teacher forcing).
 
     Example::
@@ -43,6 +44,7 @@ class LSTMGenerator(nn.Module):
         hidden_dim: int = 32,
         seq_len: int = 20,
         start_token: int = 0,
+        init_std: float | None = 0.1,
     ) -> None:
         super().__init__()
         for name, value in (
@@ -55,10 +57,18 @@ class LSTMGenerator(nn.Module):
                 raise ValueError(f"`{name}` must be >= 1, got {value!r}.")
         if not 0 <= start_token < vocab_size:
             raise ValueError(f"`start_token` must be in [0, vocab_size), got {start_token!r}.")
+        if init_std is not None and not init_std > 0:
+            raise ValueError(f"`init_std` must be > 0 or None, got {init_std!r}.")
         self.vocab_size, self.seq_len, self.start_token = vocab_size, seq_len, start_token
         self.embedding = nn.Embedding(vocab_size, embedding_dim)
         self.lstm = nn.LSTM(embedding_dim, hidden_dim, batch_first=True)
         self.output = nn.Linear(hidden_dim, vocab_size)
+        if init_std is not None:  # the released SeqGAN code draws every parameter from N(0, 0.1²)
+            with torch.no_grad():
+                for param in self.parameters():
+                    param.normal_(0.0, init_std)
+                lstm: Any = self.lstm
+                lstm.bias_hh_l0.zero_()  # one bias per gate, as in the paper's cell
 
     def shifted_inputs(self, tokens: torch.Tensor) -> torch.Tensor:
         """``[start, y_1, ..., y_{T-1}]``: the inputs that predict ``tokens`` ``(B, T)``."""
