@@ -36,7 +36,8 @@ def test_demo_config_fits_tests_and_exports(tmp_path, capsys):
 
 
 def test_validate_subcommand(tmp_path):
-    cli = main(["validate", "-c", CONFIG, "--trainer.logger", "false", "--data.init_args.num_val", "20"])
+    cli = main(["validate", "-c", CONFIG, "--trainer.logger", "false", "--data.init_args.num_val", "20",
+                "--trainer.default_root_dir", str(tmp_path)])  # fmt: skip
     assert "val/loss" in cli.trainer.callback_metrics
 
 

@@ -3,7 +3,14 @@
 from lit_bigmodel.callbacks.early_stopping import EarlyStopping
 from lit_bigmodel.callbacks.lr_decay import LRDecay
 from lit_bigmodel.callbacks.precision import PrecisionChoice, PrecisionMonitor, auto_precision
+from lit_bigmodel.callbacks.pruning import Pruning, to_semi_structured
 
-# pruning: `from lit_bigmodel.callbacks.pruning import ...` is added here by the pruning work (issue on ModelPruning)
-
-__all__ = ["EarlyStopping", "LRDecay", "PrecisionChoice", "PrecisionMonitor", "auto_precision"]
+__all__ = [
+    "EarlyStopping",
+    "LRDecay",
+    "PrecisionChoice",
+    "PrecisionMonitor",
+    "Pruning",
+    "auto_precision",
+    "to_semi_structured",
+]
