@@ -27,11 +27,144 @@ def causal_lm_loss(
 
         loss, n = causal_lm_loss(torch.randn(2, 5, 11), torch.tensor([[-100, -100, 3, 4, 2]] * 2))
     """
-    shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1])  # (B*(T-1), V)
-    shift_labels = labels[:, 1:].reshape(-1)  # (B*(T-1),)
-    total = F.cross_entropy(shift_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum")
+    # The labels move left instead of the logits: no copy of the (B, T, V) logits; the last position scores nothing.
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B*T, V), a view when contiguous
+    shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,)
+    total = F.cross_entropy(flat_logits.float(), shift_labels, ignore_index=ignore_index, reduction="sum")
     num_tokens = (shift_labels != ignore_index).sum()
     return total / num_tokens.clamp(min=1), num_tokens
+
+
+def chunked_causal_lm_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 4096,
+    ignore_index: int = IGNORE_INDEX,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`causal_lm_loss` of ``hidden @ weight.T``, computed without ever holding the full ``(B, T, V)`` logits.
+
+    The LM head and the cross-entropy run over ``chunk_size`` tokens at a time. With gradients
+    enabled, each chunk's gradients (of ``hidden`` and ``weight``) are computed in the same pass as
+    its loss, so no chunk's ``(chunk, V)`` logits are kept for backward and the head's matmul is not
+    recomputed (three matmuls, as in the plain path, where checkpointing each chunk would need
+    four). Peak extra memory: one chunk's logits in float32 plus a float32 ``(V, D)`` gradient.
+    Under autocast the head runs in the autocast dtype and the softmax in float32, as
+    ``causal_lm_loss`` does on the logits of an autocast ``nn.Linear``.
+
+    Args:
+        hidden: ``(B, T, D)`` final hidden states (the input of the LM head).
+        weight: ``(V, D)`` the LM head's weight (tied or not); a head with a bias is not supported.
+        labels: ``(B, T)`` token ids aligned with the inputs (shifted here); ``ignore_index`` is skipped.
+        chunk_size: tokens per chunk (> 0); larger is faster and uses more memory.
+
+    Returns:
+        ``(loss, num_tokens)``, as ``causal_lm_loss``.
+
+    Example::
+
+        hidden = model.transformer(input_ids).last_hidden_state      # (B, T, D)
+        loss, n = chunked_causal_lm_loss(hidden, model.lm_head.weight, labels, chunk_size=2048)
+    """
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size!r}.")
+    targets = F.pad(labels[:, 1:], (0, 1), value=ignore_index).reshape(-1)  # (B*T,): position t predicts t + 1
+    flat = hidden.reshape(-1, hidden.shape[-1])  # (B*T, D), a view
+    dtype = _autocast_dtype(flat.device.type) or torch.promote_types(flat.dtype, weight.dtype)
+    if torch.is_grad_enabled() and (flat.requires_grad or weight.requires_grad):
+        loss, num_tokens = _LinearCrossEntropy.apply(flat, weight, targets, chunk_size, ignore_index, dtype)
+        return loss, num_tokens
+    with torch.no_grad():
+        loss, num_tokens, _, _ = _linear_cross_entropy(flat, weight, targets, chunk_size, ignore_index, dtype, False)
+    return loss, num_tokens
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast casts matmuls to on ``device_type``, or None when autocast is off."""
+    if hasattr(torch, "get_autocast_dtype"):  # torch >= 2.4
+        return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    if device_type == "cpu":
+        return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+    return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
+def _linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    chunk_size: int,
+    ignore_index: int,
+    dtype: torch.dtype,
+    with_grads: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Mean cross-entropy of ``hidden @ weight.T`` against ``targets``, and optionally its gradients.
+
+    Shapes: hidden ``(N, D)``, weight ``(V, D)``, targets ``(N,)``. Returns ``(loss, num_tokens,
+    grad_hidden (N, D) or None, grad_weight (V, D) float32 or None)``, the gradients of ``loss``.
+    """
+    valid = targets != ignore_index  # (N,)
+    num_tokens = valid.sum()
+    scale = 1.0 / num_tokens.clamp(min=1).float()  # a device tensor: no host sync
+    safe_targets = targets.masked_fill(~valid, 0)
+    with torch.autocast(hidden.device.type, enabled=False):
+        h, w = hidden.to(dtype), weight.to(dtype)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(h) if with_grads else None
+        grad_weight = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if with_grads else None
+        for start in range(0, h.shape[0], chunk_size):
+            h_chunk, rows = h[start : start + chunk_size], slice(start, start + chunk_size)
+            logits = (h_chunk @ w.T).float()  # (n, V), the only full-vocabulary tensor, one chunk at a time
+            log_z = logits.logsumexp(-1)  # (n,)
+            picked = logits.gather(1, safe_targets[rows, None])[:, 0]  # (n,)
+            chunk_valid = valid[rows]
+            total = total + ((log_z - picked) * chunk_valid).sum()
+            if grad_hidden is None or grad_weight is None:
+                continue
+            # d(loss)/d(logits) = (softmax - one_hot(target)) / num_tokens on labelled rows, 0 elsewhere
+            grad_logits = logits.sub_(log_z[:, None]).exp_()  # softmax, in place: (n, V)
+            grad_logits.scatter_add_(1, safe_targets[rows, None], -torch.ones_like(picked[:, None]))
+            grad_logits = grad_logits.mul_((chunk_valid * scale)[:, None]).to(dtype)
+            grad_hidden[rows] = grad_logits @ w  # (n, D)
+            grad_weight += (grad_logits.T @ h_chunk).float()  # (V, D)
+    return total * scale, num_tokens, grad_hidden, grad_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Chunked LM head + cross-entropy whose gradients are computed in the forward pass (see above)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        targets: torch.Tensor,
+        chunk_size: int,
+        ignore_index: int,
+        dtype: torch.dtype,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        loss, num_tokens, grad_hidden, grad_weight = _linear_cross_entropy(
+            hidden, weight, targets, chunk_size, ignore_index, dtype, with_grads=True
+        )
+        assert grad_hidden is not None and grad_weight is not None
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.dtypes = (hidden.dtype, weight.dtype)  # type: ignore[attr-defined]
+        ctx.mark_non_differentiable(num_tokens)
+        return loss, num_tokens
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad_loss: torch.Tensor, grad_count: torch.Tensor | None
+    ) -> tuple[torch.Tensor | None, ...]:
+        grad_hidden, grad_weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        hidden_dtype, weight_dtype = ctx.dtypes  # type: ignore[attr-defined]
+        return (
+            (grad_hidden * grad_loss).to(hidden_dtype),
+            (grad_weight * grad_loss).to(weight_dtype),
+            None,
+            None,
+            None,
+            None,
+        )
 
 
 # ----------------------------------------------------------------------------- distillation

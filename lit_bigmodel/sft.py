@@ -6,11 +6,13 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from typing import Any, Literal, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
@@ -18,14 +20,19 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
 from lit_bigmodel.datamodules.packing import block_causal_mask
+from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError, OutputExistsError
-from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss
+from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
 
 Schedule = Literal["cosine", "linear", "constant"]
 _TASKS = ("causal_lm", "sequence_classification")
 _SCHEDULES = ("cosine", "linear", "constant")
+_TrainLoss = Callable[[dict[str, Any], dict[str, torch.Tensor]], torch.Tensor]  # (model inputs, batch) -> loss
+_COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# config fields of causal LMs that transform the logits after the LM head (the chunked loss would skip them)
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class SFTModule(L.LightningModule):
@@ -45,12 +52,36 @@ class SFTModule(L.LightningModule):
     rate warmed up linearly for ``warmup_steps`` optimizer steps (a float < 1 is a fraction of the
     run), then decayed (``lr_schedule``) to ``min_lr_ratio`` × ``learning_rate``.
 
+    Fast path (training step): the causal-LM loss is computed from the network's final hidden
+    states and its LM head in chunks, never holding full-vocabulary float32 logits
+    (`chunked_causal_lm_loss`; same value and gradients as `causal_lm_loss`); the step's network
+    computation is compiled with ``torch.compile`` on CUDA; the step makes no host sync (the
+    progress-bar copy of the loss is refreshed every ``log_every_n_steps`` steps only). The chunked
+    loss steps aside, with one info line, when a subclass overrides `loss_from_logits` or when the
+    network is not a Hugging Face causal LM whose logits are ``head(base_model(...))``.
+    Data loading: the datamodules pin memory on CUDA; set their ``num_workers`` > 0 to prefetch.
+
     Args:
         model: where the network comes from (see above).
         task: ``"causal_lm"`` or ``"sequence_classification"``.
         num_labels: classes, for classification (default: the datamodule's ``num_labels``).
         generate_eval: score greedy generations by exact match in validation / test.
         max_new_tokens: generation budget of `generate` (evaluation uses the reference length + 1).
+        compile: ``torch.compile`` the training step's network and loss computation (not the
+            LightningModule, not evaluation or generation). ``None``: on CUDA only (compiling takes
+            seconds to minutes, which dominates short CPU runs); ``True`` / ``False``; or a mode,
+            one of ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
+        chunked_loss: causal LM only: compute the training loss without materialising the
+            ``(B, T, V)`` logits (see above). ``False`` uses `loss_from_logits` on the full logits.
+        loss_chunk_size: tokens per chunk of the chunked loss (memory ∝ chunk × vocabulary).
+        gradient_checkpointing: recompute activations in backward to save memory (the network's
+            ``gradient_checkpointing_enable``, non-reentrant).
+        padding_free: causal LM only: flatten each training batch into one row without padding
+            (position ids restart at every example, as Hugging Face's ``DataCollatorWithFlattening``);
+            padded and packed batches both work. Pays off with ``attn_implementation="flash_attention_2"``
+            (variable-length kernels); with ``"sdpa"`` / ``"eager"`` attention it is correct but
+            builds an ``(N, N)`` mask over all N tokens of the batch, so prefer the datamodules'
+            ``packing=True`` there.
 
     Raises:
         ConfigurationError: an invalid argument (named in the message).
@@ -80,6 +111,11 @@ class SFTModule(L.LightningModule):
         min_lr_ratio: float = 0.0,
         generate_eval: bool = True,
         max_new_tokens: int = 32,
+        compile: bool | str | None = None,
+        chunked_loss: bool = True,
+        loss_chunk_size: int = 4096,
+        gradient_checkpointing: bool = False,
+        padding_free: bool = False,
     ) -> None:
         super().__init__()
         problems = []
@@ -101,6 +137,12 @@ class SFTModule(L.LightningModule):
             problems.append(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
         if max_new_tokens < 1:
             problems.append(f"`max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
+        if not (compile is None or isinstance(compile, bool) or compile in _COMPILE_MODES):
+            problems.append(f"`compile` must be None, True, False or one of {_COMPILE_MODES}, got {compile!r}.")
+        if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+            problems.append(f"`loss_chunk_size` must be an integer >= 1, got {loss_chunk_size!r}.")
+        if padding_free and task != "causal_lm":
+            problems.append(f"`padding_free=True` needs task='causal_lm', got task={task!r}.")
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.save_hyperparameters(ignore=["model", "tokenizer"])
@@ -117,8 +159,19 @@ class SFTModule(L.LightningModule):
         self.num_labels = num_labels
         self.tokenizer = load_tokenizer(tokenizer) if tokenizer is not None else None
         self.model: Any = None  # the Hugging Face network, built in configure_model
+        self.compile_mode = compile
+        self.chunked_loss = chunked_loss
+        self.loss_chunk_size = loss_chunk_size
+        self.gradient_checkpointing = gradient_checkpointing
+        self.padding_free = padding_free
         self.metrics = nn.ModuleDict()
         self._pending_rng_states: dict[str, Any] | None = None
+        self._train_loss: _TrainLoss | None = None
+        self._train_loss_key: int | None = None  # id() of the network `_train_loss` was built for
+        if padding_free:
+            # An instance hook, not a class override: Lightning warns about an overridden batch-transfer hook
+            # whenever a datamodule is used, so only modules that flatten batches carry one.
+            self.on_before_batch_transfer = self._flatten_training_batch  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
@@ -144,6 +197,16 @@ class SFTModule(L.LightningModule):
             return
         self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+        if self.gradient_checkpointing:
+            if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+                self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(self.model, "gradient_checkpointing_enable"):
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise ConfigurationError(
+                    f"`gradient_checkpointing=True` needs a network with gradient_checkpointing_enable() "
+                    f"(a Hugging Face model), got {type(self.model).__name__}."
+                )
         if (
             self.task == "sequence_classification"
             and self.model.config.pad_token_id is None
@@ -177,19 +240,29 @@ class SFTModule(L.LightningModule):
             self.configure_model()
         return self.model(**self.model_inputs(batch)).logits
 
-    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         """The keyword arguments of the network's forward for ``batch`` (packed rows get a block mask)."""
         input_ids = batch["input_ids"]  # (B, T)
         limit = max_positions(self.model)
-        if limit is not None and input_ids.shape[1] > limit:
+        flattened = "cu_seq_lens" in batch  # padding-free: each example was checked against the limit
+        if limit is not None and not flattened and input_ids.shape[1] > limit:
             raise ConfigurationError(
                 f"a batch holds sequences of {input_ids.shape[1]} tokens but the model accepts at most {limit}; "
                 "lower the datamodule's `max_length` or set its `overflow`."
             )
-        kwargs: dict[str, torch.Tensor] = {"input_ids": input_ids, "attention_mask": batch["attention_mask"]}
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if "attention_mask" in batch:  # absent: no padding (random-token benchmarks, padding-free rows)
+            kwargs["attention_mask"] = batch["attention_mask"]
         if "document_ids" in batch:  # packed rows
             kwargs["attention_mask"] = block_causal_mask(batch["document_ids"])  # (B, 1, T, T)
             kwargs["position_ids"] = batch["position_ids"]
+        elif "position_ids" in batch:  # padding-free: one row, positions restart at every example
+            kwargs["position_ids"] = batch["position_ids"]
+            kwargs["use_cache"] = False  # with a cache, Hugging Face models do not look for packed sequences
+            if "cu_seq_lens" in batch and "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
+                # variable-length flash attention without deriving the boundaries on the device (a host sync)
+                kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = batch["cu_seq_lens"]
+                kwargs["max_length_q"] = kwargs["max_length_k"] = int(batch["max_length"])
         if "token_type_ids" in batch:
             kwargs["token_type_ids"] = batch["token_type_ids"]
         return kwargs
@@ -200,10 +273,90 @@ class SFTModule(L.LightningModule):
             return causal_lm_loss(logits, batch["labels"])[0]
         return F.cross_entropy(logits.float(), batch["labels"])
 
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of ``batch``: the override point for objectives that need more than the logits.
+
+        By default `loss_from_logits` on the network's logits, or, for a causal LM with
+        ``chunked_loss=True`` and no override of `loss_from_logits`, the same loss from the final
+        hidden states without the full logits; compiled when ``compile`` says so.
+        """
+        if self._train_loss is None or self._train_loss_key != id(self.model):
+            self._train_loss = self._build_train_loss()
+            self._train_loss_key = id(self.model)
+        return self._train_loss(self.model_inputs(batch), batch)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.loss_from_logits(self(batch), batch)
-        self.log("train/loss", loss, prog_bar=True)
+        loss = self.compute_loss(batch)
+        self._log_train_loss(loss, batch)
         return loss
+
+    def _log_train_loss(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+        batch_size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, batch_size=batch_size)  # kept on the device: loggers read it every n steps
+        # Lightning turns progress-bar values into numbers after every step (.item(), a host sync on CUDA),
+        # so the progress bar gets a CPU copy, refreshed when the loggers write.
+        every = getattr(self._trainer, "log_every_n_steps", 1) or 1
+        if self.global_step % every == 0:
+            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=batch_size)
+
+    def _flatten_training_batch(self, batch: Any, dataloader_idx: int) -> Any:
+        """``on_before_batch_transfer`` with ``padding_free=True``: flatten training batches on the host."""
+        if self._trainer is not None and self.trainer.training:
+            batch = flatten_batch(batch, max_positions(self.model) if self.model is not None else None)
+        return batch
+
+    def _build_train_loss(self) -> _TrainLoss:
+        """The function ``(model inputs, batch) -> loss`` of the training step, compiled if asked."""
+        network = self.model
+        attention = str(getattr(getattr(network, "config", None), "_attn_implementation", ""))
+        if self.padding_free and "flash" not in attention:
+            rank_zero_warn(
+                f"`padding_free=True` with attn_implementation={attention!r}: the model masks the flattened row "
+                "with an (N, N) block mask, slower than the datamodule's `packing=True`; use flash_attention_2."
+            )
+        head_and_body = self._chunked_loss_parts()
+        if head_and_body is not None:
+            body, head = head_and_body
+            chunk_size = self.loss_chunk_size
+
+            # `use_cache` stays the model's default: with use_cache=False and no attention mask, transformers 5
+            # checks the position ids for packed sequences, which under torch.compile builds a (B, 1, T, T) mask
+            # and so gives up SDPA's flash kernel (is_causal=True).
+            def train_loss(inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                hidden = body(**inputs).last_hidden_state  # (B, T, D)
+                return chunked_causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size)[0]
+
+        else:
+
+            def train_loss(inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return self.loss_from_logits(network(**inputs).logits, batch)
+
+        compile_mode = self.compile_mode
+        if compile_mode is None:
+            compile_mode = self.device.type == "cuda"
+        if compile_mode is False:
+            return train_loss
+        mode = compile_mode if isinstance(compile_mode, str) and compile_mode != "default" else None
+        return cast(_TrainLoss, torch.compile(train_loss, mode=mode))
+
+    def _chunked_loss_parts(self) -> tuple[nn.Module, nn.Linear] | None:
+        """``(body, head)`` when the chunked loss applies to this module and network, else None (said once)."""
+        if not self.chunked_loss or self.task != "causal_lm":
+            return None
+        if type(self).loss_from_logits is not SFTModule.loss_from_logits:
+            rank_zero_info(f"{type(self).__name__} overrides `loss_from_logits`: training uses the full logits.")
+            return None
+        parts = _body_and_head(self.model)
+        if isinstance(parts, str):
+            rank_zero_info(f"`chunked_loss` falls back to the full-logits loss: {parts}.")
+            return None
+        return parts
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state = dict(state)  # compiled functions and closures do not pickle (ddp_spawn pickles the module)
+        state["_train_loss"] = state["_train_loss_key"] = None
+        return state
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._evaluate("val", batch)
@@ -395,3 +548,51 @@ def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> A
         return min_ratio + (1 - min_ratio) * shape
 
     return factor
+
+
+def _body_and_head(model: Any) -> tuple[nn.Module, nn.Linear] | str:
+    """The network's body (hidden states) and bias-free linear LM head, or why the chunked loss cannot use them.
+
+    Hugging Face causal LMs compute ``logits = get_output_embeddings()(base_model(...).last_hidden_state)``
+    (GPT-2 with its tied embedding, Llama with its own head, ...). Models that transform the logits
+    afterwards are recognised from their config and, where the weights are materialised, by
+    comparing both ways on a few tokens once.
+    """
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if not isinstance(head, nn.Linear) or head.bias is not None:
+        return f"{type(model).__name__} has no bias-free nn.Linear LM head (get_output_embeddings)"
+    body = getattr(model, "base_model", None)
+    if not isinstance(body, nn.Module) or body is model:
+        return f"{type(model).__name__} has no base model separate from its LM head"
+    config = getattr(model, "config", None)
+    for name in _LOGIT_TRANSFORMS:
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            return f"its config sets `{name}`={value!r}, a transform of the logits after the head"
+    if getattr(head.weight, "ds_id", None) is not None:
+        return "DeepSpeed ZeRO-3 partitions the LM head's weight outside the head's forward"
+    reason = _check_head_and_body(model, body, head)
+    return reason if reason is not None else (body, head)
+
+
+@torch.no_grad()
+def _check_head_and_body(model: Any, body: nn.Module, head: nn.Linear) -> str | None:
+    """None if ``head(body(x))`` equals ``model(x).logits`` on a few tokens (or cannot be checked here)."""
+    weight = head.weight
+    if weight.is_meta or weight.numel() == 0 or type(weight) is not nn.Parameter:
+        return None  # not materialised here (meta / sharded): the structure has to do
+    input_ids = (torch.arange(8, device=weight.device) % head.out_features)[None]  # (1, 8)
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()  # no dropout, so both ways compute the same function
+    try:
+        expected = model(input_ids=input_ids).logits  # (1, 8, V)
+        got = head(body(input_ids=input_ids).last_hidden_state)
+    except Exception as err:  # any network that does not follow the pattern
+        return f"calling its base model and head separately failed ({type(err).__name__}: {err})"
+    finally:
+        for module, training in modes:
+            module.training = training
+    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3):
+        return "its logits are not head(base_model(...)) (checked on a few tokens)"
+    return None

@@ -6,6 +6,7 @@ from lit_bigmodel.datamodules.classification import TextClassificationDataModule
 from lit_bigmodel.datamodules.instruction import InstructionDataModule
 from lit_bigmodel.datamodules.oracle import OracleDataModule
 from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
+from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.teacher_cache import TeacherLogitsDataModule
 from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
 from lit_bigmodel.datamodules.text_lines import TextLinesDataModule
@@ -22,6 +23,7 @@ __all__ = [
     "TokenizedDataModule",
     "block_causal_mask",
     "build_char_tokenizer",
+    "flatten_batch",
     "load_tokenizer",
     "pack_examples",
     "shakespeare_texts",
