@@ -24,9 +24,18 @@ synthetic sequence (a noisy random bigram chain) and plot both.
     python benchmarks/throughput.py --model tiny                        # CPU: table, ratio, loss curves
     python benchmarks/throughput.py --model gpt2 --loss-curves          # one GPU: GPT-2 124M, 16 × 1024
     python benchmarks/throughput.py --model llama1b                     # one GPU: TinyLlama shape, 4 × 2048
-    python benchmarks/throughput.py --model tiny --devices 2 --strategy ddp   # ours and lightning on 2 processes
+    python benchmarks/throughput.py --model gpt2 --strategy fsdp             # one GPU: our FSDP preset vs Lightning's
+    python benchmarks/throughput.py --model tiny --devices 2 --strategy deepspeed_stage_3   # 2 CPU processes
 
-Results: ``benchmarks/results/throughput_<model>_<device>[_x<devices>][_curves].json`` and ``.png``
+With ``--strategy`` (ddp, fsdp, fsdp2, deepspeed_stage_2, deepspeed_stage_3; any ``--devices``) the harnesses
+are ``ours_single`` (`SFTModule`, fast path, one device, no strategy: the reference), ``lightning`` (the
+plain module under Lightning's strategy of that name, as ``shared/probes/gpu_strategies.py`` measured the
+anchors: ``FSDPStrategy`` wrapping each transformer block; fsdp2 has no plain counterpart) and ``ours``
+(`SFTModule` under our preset from `lit_bigmodel.strategies`). The table adds tokens/s per device and the
+scaling efficiency: tokens/s ÷ (devices × ``ours_single`` tokens/s). On CPU the strategies are the CPU
+versions (`CPUFSDPStrategy`, `CPUDeepSpeedStrategy`), plain or preset alike.
+
+Results: ``benchmarks/results/throughput_<model>_<device>[_x<devices>][_<strategy>][_curves].json`` and ``.png``
 (and ``_loss.png``).
 """
 
@@ -47,12 +56,14 @@ from typing import Any
 import torch
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-HARNESSES = ("raw", "raw_compile", "lightning", "hf_trainer", "ours", "ours_eager", "ours_plain")
+HARNESSES = ("raw", "raw_compile", "lightning", "hf_trainer", "ours", "ours_eager", "ours_plain", "ours_single")
 DEFAULT_HARNESSES = {
     "cuda": ("raw", "raw_compile", "lightning", "hf_trainer", "ours", "ours_eager"),
     "cpu": ("raw", "lightning", "hf_trainer", "ours", "ours_plain"),
 }
 MULTI_DEVICE_HARNESSES = ("lightning", "ours")  # the peers that run under Lightning's launcher
+STRATEGIES = ("ddp", "fsdp", "fsdp2", "deepspeed_stage_2", "deepspeed_stage_3")
+STRATEGY_HARNESSES = ("ours_single", "lightning", "ours")  # with --strategy
 # model: (batch, sequence length) of the issue's anchors; tiny: a CPU-sized GPT-2 (2 × 128, vocabulary 8192)
 SHAPES = {"gpt2": (16, 1024), "llama1b": (4, 2048), "tiny": (8, 128)}
 RESULT_TAG = "THROUGHPUT_RESULT "
@@ -149,14 +160,46 @@ class StepClock:
         }
 
 
-def lightning_trainer(args: argparse.Namespace, steps: int, callbacks: list[Any]) -> Any:
+def make_strategy(name: str, ours: bool, cuda: bool, model: str, seq: int) -> Any:
+    """Our preset for ``name`` (``ours``), or Lightning's strategy of that name as a plain user sets it up."""
+    if ours:
+        from lit_bigmodel.strategies import deepspeed_strategy, fsdp2_strategy, fsdp_strategy
+
+        accelerator = "gpu" if cuda else "cpu"
+        return {
+            "ddp": lambda: "ddp",
+            "fsdp": lambda: fsdp_strategy(accelerator=accelerator),
+            "fsdp2": lambda: fsdp2_strategy(),
+            "deepspeed_stage_2": lambda: deepspeed_strategy(2, accelerator=accelerator),
+            "deepspeed_stage_3": lambda: deepspeed_strategy(3, accelerator=accelerator),
+        }[name]()
+    if name == "fsdp":  # as the anchor probe: FSDPStrategy(auto_wrap_policy={<block class>})
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        from lit_bigmodel.strategies import CPUFSDPStrategy
+
+        blocks = {type(m) for m in build_model(model, seq).modules() if type(m).__name__.endswith(("Block", "Layer"))}
+        return (FSDPStrategy if cuda else CPUFSDPStrategy)(auto_wrap_policy=blocks)
+    if name.startswith("deepspeed") and not cuda:  # Lightning's DeepSpeedStrategy refuses a CPU
+        from lit_bigmodel.strategies import CPUDeepSpeedStrategy
+
+        return CPUDeepSpeedStrategy(stage=int(name[-1]))
+    return name
+
+
+def lightning_trainer(args: argparse.Namespace, steps: int, callbacks: list[Any], harness: str = "") -> Any:
     import lightning as L
 
     cuda = args.device == "cuda"
     precision = "bf16-mixed" if args.precision == "bf16" else "32-true"
-    extra: dict[str, Any] = {"strategy": args.strategy} if args.devices > 1 else {}
+    devices = 1 if harness == "ours_single" else args.devices
+    extra: dict[str, Any] = {}
+    if args.strategy and harness in MULTI_DEVICE_HARNESSES:
+        extra["strategy"] = make_strategy(args.strategy, harness == "ours", cuda, args.model, args.seq)
+    elif devices > 1:
+        extra["strategy"] = "ddp"
     return L.Trainer(
-        accelerator="gpu" if cuda else "cpu", devices=args.devices, precision=precision, max_steps=steps,
+        accelerator="gpu" if cuda else "cpu", devices=devices, precision=precision, max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=callbacks, **extra,
     )  # fmt: skip
@@ -178,7 +221,7 @@ def lightning_clock(clock: StepClock) -> Any:
 def sft_module(args: argparse.Namespace, harness: str) -> Any:
     from lit_bigmodel import SFTModule
 
-    compile_flag: bool | None = None if harness == "ours" else False
+    compile_flag: bool | None = None if harness in ("ours", "ours_single") else False
     return SFTModule(
         lambda: build_model(args.model, args.seq),
         learning_rate=3e-4,
@@ -241,12 +284,15 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
         loader = torch.utils.data.DataLoader(TokenRows(data), batch_size=batch, pin_memory=cuda)
         module: L.LightningModule
         if harness == "lightning":
-            network = build_model(args.model, seq)
 
             class Plain(L.LightningModule):
                 def __init__(self) -> None:
                     super().__init__()
-                    self.model = network
+                    self.model: torch.nn.Module | None = None
+
+                def configure_model(self) -> None:  # built here, so ZeRO-3 / FSDP can shard it at creation
+                    if self.model is None:
+                        self.model = build_model(args.model, seq)
 
                 def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
                     return self.model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
@@ -257,17 +303,20 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
             module = Plain()
         else:
             module = sft_module(args, harness)
-        trainer = lightning_trainer(args, args.steps, [lightning_clock(clock)])
+        trainer = lightning_trainer(args, args.steps, [lightning_clock(clock)], harness)
         trainer.fit(module, loader)
         world_size = trainer.world_size
         if not trainer.is_global_zero:
             return {}
-        model_info = describe(module.model, seq)
+        model_info = describe(build_model(args.model, seq), seq)  # the full network: a sharded one has shards
     result = {"harness": harness, "world_size": world_size, **model_info, **clock.summary()}
+    if args.strategy and harness in MULTI_DEVICE_HARNESSES:
+        result["strategy"] = args.strategy
     step_ms = result["median_step_ms"]
     if step_ms:
         tokens_per_s = world_size * batch * seq / (step_ms / 1e3)
         result["tokens_per_s"] = tokens_per_s
+        result["tokens_per_s_per_device"] = tokens_per_s / world_size
         peak = args.peak_tflops * 1e12 * world_size  # MFU per device
         result["mfu"] = tokens_per_s * result["flops_per_token"] / peak if cuda else None
     if cuda:
@@ -329,6 +378,28 @@ def launch(args: argparse.Namespace, child: str) -> dict[str, Any] | None:
     result = json.loads(found[-1])
     result["process_wall_s"] = time.perf_counter() - started
     return result
+
+
+def strategy_table(results: list[dict[str, Any]], cuda: bool) -> str:
+    """With ``--strategy``: per device, and against ``ours_single`` (scaling efficiency)."""
+    single = next((r for r in results if r["harness"] == "ours_single"), None)
+    memory = "peak mem GiB" if cuda else "peak RSS GiB"
+    rows = [
+        f"| harness | strategy | devices | step ms | tokens/s | tokens/s per device | MFU | {memory} | "
+        "vs ours, 1 device, no strategy (scaling efficiency) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        mem = r.get("peak_memory_gib", r.get("peak_rss_gib"))
+        eff = r.get("scaling_efficiency")
+        rows.append(
+            f"| {r['harness']} | {r.get('strategy', '–')} | {r['world_size']} | {r['median_step_ms']:.1f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {mem:.2f} | "
+            + (f"{eff:.2f}" if eff is not None and single else "–")
+            + " |"
+        )
+    return "\n".join(rows)
 
 
 def table(results: list[dict[str, Any]], cuda: bool) -> str:
@@ -426,7 +497,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", choices=("bf16", "32"), help="default: bf16 on CUDA, 32 on CPU")
     parser.add_argument("--rounds", type=int, default=1, help="run the harnesses this many times, interleaved")
     parser.add_argument("--devices", type=int, default=1, help="> 1: ours and lightning under Lightning's launcher")
-    parser.add_argument("--strategy", default="ddp", help="Lightning strategy when --devices > 1")
+    parser.add_argument(
+        "--strategy",
+        choices=STRATEGIES,
+        help="our preset vs Lightning's strategy of that name (default: ddp if --devices > 1)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=989.4, help="the GPU's dense bf16 peak (H100: 989.4)")
     parser.add_argument("--loss-chunk-size", type=int, default=4096)
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for ours* harnesses")
@@ -457,9 +532,19 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     started = time.perf_counter()
-    harnesses = [] if args.curves_only else args.harness or DEFAULT_HARNESSES[args.device]
+    if args.devices > 1 and args.strategy is None:
+        args.strategy = "ddp"
+    if args.strategy:
+        harnesses = list(args.harness or STRATEGY_HARNESSES)
+        if args.strategy == "fsdp2" and "lightning" in harnesses:
+            harnesses.remove("lightning")  # FSDP2 shards in the module's configure_model: no plain counterpart
+            print("fsdp2: no plain Lightning counterpart (ModelParallelStrategy needs the module to shard itself)")
+    else:
+        harnesses = list(args.harness or DEFAULT_HARNESSES[args.device])
+    if args.curves_only:
+        harnesses = []
     if args.devices > 1:
-        harnesses = [h for h in harnesses if h in MULTI_DEVICE_HARNESSES]
+        harnesses = [h for h in harnesses if h in (*MULTI_DEVICE_HARNESSES, "ours_single")]
     device_name = torch.cuda.get_device_name(0) if cuda else f"CPU ({os.cpu_count()} cores)"
     threads = None if cuda else args.threads or max(1, (os.cpu_count() or 1) // args.devices)
     print(
@@ -485,9 +570,12 @@ def main(argv: list[str] | None = None) -> None:
             chosen = dict(ordered[(len(ordered) - 1) // 2])
             chosen["rounds_step_ms"] = [r["median_step_ms"] for r in harness_runs]
             results.append(chosen)
-    if results:
-        print(table(results, cuda))
     by_name = {r["harness"]: r for r in results}
+    if "ours_single" in by_name:
+        for r in results:
+            r["scaling_efficiency"] = r["tokens_per_s"] / (r["world_size"] * by_name["ours_single"]["tokens_per_s"])
+    if results:
+        print(strategy_table(results, cuda) if args.strategy else table(results, cuda))
     ratios = {}
     for ours in ("ours", "ours_eager", "ours_plain"):
         if ours in by_name and "raw" in by_name:
@@ -499,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     curves = None
-    wants_curves = args.loss_curves or args.curves_only or args.model == "tiny"
+    wants_curves = args.loss_curves or args.curves_only or (args.model == "tiny" and not args.strategy)
     if wants_curves and args.devices == 1 and args.curve_steps > 0:
         plain, fast = launch(args, "curve_plain"), launch(args, "curve_fast")
         if plain and fast:
@@ -514,13 +602,17 @@ def main(argv: list[str] | None = None) -> None:
             )
 
     os.makedirs(args.out, exist_ok=True)
-    suffix = (f"_x{args.devices}" if args.devices > 1 else "") + ("_curves" if args.curves_only else "")
+    suffix = (
+        (f"_x{args.devices}" if args.devices > 1 else "")
+        + (f"_{args.strategy}" if args.strategy else "")
+        + ("_curves" if args.curves_only else "")
+    )
     stem = os.path.join(args.out, f"throughput_{args.model}_{args.device}{suffix}")
     precision = "bf16 autocast" if args.precision == "bf16" else "fp32"
     title = f"{args.model}, batch {args.batch} × {args.seq}, {precision}, {device_name} ×{args.devices}"
     report = {
         "model": args.model, "batch": args.batch, "seq": args.seq, "precision": args.precision,
-        "devices": args.devices, "strategy": args.strategy if args.devices > 1 else None, "device": device_name,
+        "devices": args.devices, "strategy": args.strategy, "device": device_name,
         "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "threads": threads,
         "peak_tflops": args.peak_tflops if cuda else None,
         "environment": environment(cuda), "results": results, "ratios": ratios, "loss_curves": curves,

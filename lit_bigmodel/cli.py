@@ -2,7 +2,8 @@
 
 Beyond Lightning's own arguments, ``fit`` takes ``--test_after_fit true`` (run the test split
 on the trained model and print its metrics) and ``--export_dir DIR`` (write a ``save_pretrained``
-directory at the end; ``--export_overwrite true`` to replace a non-empty one).
+directory at the end; ``--export_overwrite true`` to replace a non-empty one). ``lit-bigmodel export
+CKPT OUT`` exports a checkpoint offline (any strategy's checkpoint, sharded ones included).
 
 Example::
 
@@ -88,7 +89,16 @@ def _user_error(err: BaseException | None) -> LitBigModelError | None:
 
 
 def main() -> None:
-    """Entry point of the ``lit-bigmodel`` console script (returns nothing, so the exit status is 0)."""
+    """Entry point of the ``lit-bigmodel`` console script (returns nothing, so the exit status is 0).
+
+    ``lit-bigmodel export CKPT OUT`` writes a ``save_pretrained`` directory from a checkpoint
+    (`lit_bigmodel.export`); every other subcommand is LightningCLI's.
+    """
+    if len(sys.argv) > 1 and sys.argv[1] == "export":
+        from lit_bigmodel.export import main as export_main
+
+        export_main(sys.argv[2:])
+        return
     run_cli()
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel._sharding import hf_zero3_loading
 from lit_bigmodel.datamodules.packing import IGNORE_INDEX
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
@@ -145,11 +146,12 @@ class DistillationModule(SFTModule):
             return
         super().configure_model()
         if self.teacher_source is not None:
-            teacher = build_model(self.teacher_source, self.task, self.num_labels, self.tokenizer)
+            with hf_zero3_loading(self._trainer):  # sharded like the student under ZeRO-3, loaded the ZeRO-3 way
+                teacher = build_model(self.teacher_source, self.task, self.num_labels, self.tokenizer)
             teacher.requires_grad_(False)
             if self.teacher_dtype is not None:
                 teacher.to(_DTYPES[self.teacher_dtype])
-            self.teacher = teacher.eval()
+            self.teacher = self.shard_for_fsdp2(teacher).eval()
             self._check_vocabularies()
         if self.attention_weight > 0:
             for network in (self.model, self.teacher):

@@ -53,7 +53,8 @@ class SeqGANModule(L.LightningModule):
             released code, which uses separate optimizers for MLE and policy-gradient updates.
 
     Raises:
-        ConfigurationError: invalid arguments; a DeepSpeed strategy (one optimizer only).
+        ConfigurationError: invalid arguments; a DeepSpeed strategy (one optimizer only); FSDP or FSDP2
+            (sampling and the rollout-policy update happen outside the forward pass).
 
     Example::
 
@@ -160,12 +161,19 @@ class SeqGANModule(L.LightningModule):
         self.rollout_policy = make_rollout_policy(self.generator)
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 
         if isinstance(self.trainer.strategy, DeepSpeedStrategy):
             raise ConfigurationError(
                 "SeqGANModule trains two networks with two optimizers, and Lightning's DeepSpeed strategy allows one. "
-                "Use strategy='ddp_find_unused_parameters_true', 'fsdp' or a single device instead."
+                "Use strategy='ddp_find_unused_parameters_true' or a single device instead."
+            )
+        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+            raise ConfigurationError(
+                f"SeqGANModule does not support {type(self.trainer.strategy).__name__}: it samples from the "
+                "generator and moves the rollout policy towards it outside the model's forward pass, where FSDP "
+                "holds only shards of the weights. Use strategy='ddp_find_unused_parameters_true' or a single "
+                "device (the paper's networks have 7.7 M parameters; each rank holds them whole)."
             )
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from typing import Any, Literal, cast
 
@@ -19,10 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
+from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp2, offloads_optimizer, zero_stage
 from lit_bigmodel.datamodules.packing import block_causal_mask
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
-from lit_bigmodel.errors import ConfigurationError, OutputExistsError
+from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.export import CHECKPOINT_KEY, check_target, export_info, write_pretrained
 from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
 
@@ -166,6 +166,7 @@ class SFTModule(L.LightningModule):
         self.padding_free = padding_free
         self.metrics = nn.ModuleDict()
         self._pending_rng_states: dict[str, Any] | None = None
+        self._export_info: dict[str, Any] | None = None
         self._train_loss: _TrainLoss | None = None
         self._train_loss_key: int | None = None  # id() of the network `_train_loss` was built for
         if padding_free:
@@ -195,7 +196,8 @@ class SFTModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
+        with hf_zero3_loading(self._trainer):  # Lightning builds under deepspeed.zero.Init at stage 3
+            self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
@@ -207,12 +209,28 @@ class SFTModule(L.LightningModule):
                     f"`gradient_checkpointing=True` needs a network with gradient_checkpointing_enable() "
                     f"(a Hugging Face model), got {type(self.model).__name__}."
                 )
+        self.model = self.shard_for_fsdp2(self.model)
         if (
             self.task == "sequence_classification"
             and self.model.config.pad_token_id is None
             and self.tokenizer is not None
         ):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def shard_for_fsdp2(self, network: nn.Module) -> nn.Module:
+        """Under `ModelParallelStrategy` (FSDP2), ``fully_shard`` each transformer block, then the network.
+
+        Called in ``configure_model`` for every network the module builds; a no-op under any other strategy.
+        """
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+            return network
+        from lit_bigmodel.strategies import fully_shard_blocks
+
+        mesh = self.device_mesh
+        assert mesh is not None  # ModelParallelStrategy sets it before configure_model
+        return fully_shard_blocks(network, mesh["data_parallel"])
 
     def _build_metrics(self) -> None:
         if len(self.metrics):
@@ -346,6 +364,10 @@ class SFTModule(L.LightningModule):
         if type(self).loss_from_logits is not SFTModule.loss_from_logits:
             rank_zero_info(f"{type(self).__name__} overrides `loss_from_logits`: training uses the full logits.")
             return None
+        if zero_stage(self._trainer) == 3 or is_fsdp2(self._trainer):
+            # The head's weight is read outside the head's forward: ZeRO-3 and FSDP2 hold only a shard of it there.
+            rank_zero_info("`chunked_loss` falls back to the full-logits loss under ZeRO-3 / FSDP2.")
+            return None
         parts = _body_and_head(self.model)
         if isinstance(parts, str):
             rank_zero_info(f"`chunked_loss` falls back to the full-logits loss: {parts}.")
@@ -451,7 +473,9 @@ class SFTModule(L.LightningModule):
         """Write a ``save_pretrained`` directory (model and, if known, tokenizer) that ``transformers`` loads.
 
         The directory is written beside the target and renamed into place, so it is either
-        complete or absent. Only global rank zero writes.
+        complete or absent. Only global rank zero writes. Under FSDP, FSDP2 and DeepSpeed ZeRO-3 the
+        weights are gathered first, so every rank must call it (it is collective there); the
+        directory holds the full, unsharded model.
 
         Raises:
             OutputExistsError: ``dirpath`` exists and is not empty, and ``overwrite`` is False.
@@ -461,40 +485,21 @@ class SFTModule(L.LightningModule):
             module.export("out/model")
             AutoModelForCausalLM.from_pretrained("out/model")
         """
-        target = os.path.abspath(os.fspath(dirpath))
-        if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)) and not overwrite:
-            raise OutputExistsError(
-                f"export directory {target!r} exists and is not empty; pass overwrite=True to replace it."
-            )
+        target = check_target(dirpath, overwrite)
         if self.model is None:
             raise ConfigurationError(
                 "nothing to export: the model is not built yet (train it, or call configure_model())."
             )
-        if self._trainer is not None and not self.trainer.is_global_zero:
-            return target
         network = getattr(self.model, "_orig_mod", self.model)
         if not hasattr(network, "save_pretrained"):
             raise ConfigurationError(
                 f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model."
             )
-        parent = os.path.dirname(target)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-        try:
-            network.save_pretrained(staging)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(staging)
-            if os.path.exists(target):
-                old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
-                os.replace(target, os.path.join(old, "dir"))
-                os.replace(staging, target)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        finally:
-            if os.path.exists(staging):
-                shutil.rmtree(staging, ignore_errors=True)
-        return target
+        state = full_state_dict(self._trainer, self, self.model)  # collective under sharding
+        if self._trainer is not None and not self.trainer.is_global_zero:
+            return target
+        assert state is not None
+        return write_pretrained(target, network, self.tokenizer, _unprefixed(state, self.model, network))
 
     # ------------------------------------------------------------------ optimization
     def trainable_modules(self) -> list[nn.Module]:
@@ -511,10 +516,21 @@ class SFTModule(L.LightningModule):
                 if not param.requires_grad or id(param) in seen:
                     continue  # tied weights (embedding = LM head) are listed once, as the embedding
                 seen.add(id(param))
-                (no_decay if is_norm_or_embedding or name.endswith("bias") or param.ndim < 2 else decay).append(param)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = all(p.is_cuda for p in decay + no_decay)
-        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused or None)
+                # By module and name, not by ``param.ndim``: under ZeRO-3 and FSDP a parameter is a flat shard.
+                (no_decay if is_norm_or_embedding or name.endswith("bias") else decay).append(param)
+        groups = [
+            {"params": params, "weight_decay": wd}
+            for params, wd in ((decay, self.weight_decay), (no_decay, 0.0))
+            if params  # an empty group breaks DeepSpeed's optimizer wrappers
+        ]
+        optimizer: torch.optim.Optimizer
+        if offloads_optimizer(self._trainer):  # DeepSpeed refuses a torch optimizer with its state on the CPU
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            optimizer = DeepSpeedCPUAdam(groups, lr=self.learning_rate, betas=self.betas, adamw_mode=True)
+        else:
+            fused = all(p.is_cuda for p in decay + no_decay)
+            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused or None)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
         schedule = _warmup_decay(warmup, total, self.lr_schedule, self.min_lr_ratio)
@@ -524,6 +540,12 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["lit_bigmodel_rng_states"] = rng_states()
+        if self.model is not None:  # for `lit-bigmodel export CKPT OUT`: the config and tokenizer, not only weights
+            if self._export_info is None:
+                network = getattr(self.model, "_orig_mod", self.model)
+                self._export_info = export_info(self.task, network, self.tokenizer)
+            if self._export_info is not None:
+                checkpoint[CHECKPOINT_KEY] = self._export_info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
@@ -533,6 +555,13 @@ class SFTModule(L.LightningModule):
         if self._pending_rng_states is not None:
             restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
+
+
+def _unprefixed(state: dict[str, torch.Tensor], model: nn.Module, network: nn.Module) -> dict[str, torch.Tensor]:
+    """``state`` (of ``model``) keyed as ``network``'s state dict: drops ``torch.compile``'s ``_orig_mod.``."""
+    if network is model:
+        return state
+    return {key.removeprefix("_orig_mod."): value for key, value in state.items()}
 
 
 def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> Any:

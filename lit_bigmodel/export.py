@@ -1,0 +1,186 @@
+"""Export a Hugging Face ``save_pretrained`` directory: from a live module, or offline from any Lightning checkpoint.
+
+Offline (``lit-bigmodel export CKPT OUT``) reads a checkpoint written by `SFTModule` or `DistillationModule`
+(the student is exported) under any strategy: a single file (single device, DDP, FSDP with
+``state_dict_type="full"``), a DeepSpeed ZeRO-1/2/3 checkpoint directory (consolidated to fp32 with
+DeepSpeed's ``zero_to_fp32``) or an FSDP / FSDP2 sharded directory (``torch.distributed.checkpoint``). The
+network is rebuilt from the config and tokenizer the module stored in the checkpoint; no hub access.
+
+Example::
+
+    lit-bigmodel export runs/sft/checkpoints/last.ckpt out/model
+    # or, in Python:
+    from lit_bigmodel.export import export_checkpoint
+    export_checkpoint("runs/sft/checkpoints/last.ckpt", "out/model")
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lit_bigmodel.errors import ConfigurationError, LitBigModelError, MissingPathError, OutputExistsError
+
+CHECKPOINT_KEY = "lit_bigmodel_export"  # what the modules store for an offline export: task, config, tokenizer
+
+
+def check_target(dirpath: str | os.PathLike[str], overwrite: bool) -> str:
+    """The absolute export path; `OutputExistsError` if it is a non-empty directory (or a file) and not ``overwrite``."""
+    target = os.path.abspath(os.fspath(dirpath))
+    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)) and not overwrite:
+        raise OutputExistsError(
+            f"export directory {target!r} exists and is not empty; pass overwrite=True to replace it."
+        )
+    return target
+
+
+def write_pretrained(
+    target: str, network: nn.Module, tokenizer: Any = None, state_dict: dict[str, torch.Tensor] | None = None
+) -> str:
+    """Write ``network`` (with ``state_dict`` if given) and ``tokenizer`` into ``target``, complete or not at all.
+
+    Everything is written into a staging folder beside ``target`` and renamed into place.
+    """
+    parent = os.path.dirname(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    try:
+        network.save_pretrained(staging, state_dict=state_dict)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if os.path.exists(target):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
+            os.replace(target, os.path.join(old, "dir"))
+            os.replace(staging, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    finally:
+        if os.path.exists(staging):
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def export_info(task: str, network: nn.Module, tokenizer: Any) -> dict[str, Any] | None:
+    """What `export_checkpoint` needs besides the weights (None for a network without a Hugging Face config)."""
+    config = getattr(network, "config", None)
+    if config is None or not hasattr(config, "to_dict") or not hasattr(network, "save_pretrained"):
+        return None
+    files: dict[str, bytes] = {}
+    if tokenizer is not None:
+        with tempfile.TemporaryDirectory() as folder:
+            tokenizer.save_pretrained(folder)
+            for name in sorted(os.listdir(folder)):
+                files[name] = Path(folder, name).read_bytes()
+    return {"task": task, "config": config.to_dict(), "tokenizer_files": files}
+
+
+def load_consolidated(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A Lightning checkpoint as one dict with a full ``state_dict``, whatever strategy wrote it (on CPU)."""
+    path = Path(path)
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=False)
+    if not path.is_dir():
+        raise MissingPathError(f"checkpoint {str(path)!r} does not exist.")
+    if (path / "latest").is_file() or any(path.glob("*/mp_rank_*_model_states.pt")):  # DeepSpeed
+        from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as folder:
+            return convert_zero_checkpoint_to_fp32_state_dict(path, os.path.join(folder, "full.ckpt"))
+    if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP / FSDP2 sharded)
+        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+        full = _load_distributed_checkpoint(path)
+        if "state_dict" not in full and isinstance(full.get("model"), dict):
+            full["state_dict"] = full.pop("model")  # Lightning's FSDP sharded layout keeps the weights as "model"
+        return full
+    raise MissingPathError(
+        f"{str(path)!r} is a directory but not a checkpoint: no DeepSpeed 'latest' file and no "
+        "torch.distributed.checkpoint '.metadata' in it."
+    )
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike[str],
+    dirpath: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    prefix: str = "model.",
+) -> str:
+    """Rebuild the network stored in a Lightning ``checkpoint`` and write it as a ``save_pretrained`` directory.
+
+    Args:
+        checkpoint: a checkpoint file or a sharded checkpoint directory (DeepSpeed, FSDP, FSDP2).
+        dirpath: the output directory; written beside and renamed into place.
+        overwrite: replace a non-empty ``dirpath``.
+        prefix: the network's attribute in the module's state dict (``"model."``: the SFT model, the student).
+
+    Raises:
+        MissingPathError: no checkpoint at ``checkpoint``.
+        OutputExistsError: ``dirpath`` is not empty and ``overwrite`` is False (checked before loading).
+        ConfigurationError: the checkpoint was not written by our modules, or its weights do not fit.
+    """
+    from transformers import AutoConfig
+
+    from lit_bigmodel.nets.builders import build_model
+
+    target = check_target(dirpath, overwrite)
+    full = load_consolidated(checkpoint)
+    info = full.get(CHECKPOINT_KEY)
+    if info is None:
+        raise ConfigurationError(
+            f"checkpoint {os.fspath(checkpoint)!r} has no {CHECKPOINT_KEY!r} entry: it was not written by "
+            "SFTModule / DistillationModule, or their network is not a Hugging Face model."
+        )
+    state = {key[len(prefix) :]: value for key, value in full["state_dict"].items() if key.startswith(prefix)}
+    if not state:
+        raise ConfigurationError(f"no weights under {prefix!r} in the checkpoint's state_dict.")
+    config_dict = dict(info["config"])
+    config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    tokenizer = None
+    if info["tokenizer_files"]:
+        from transformers import AutoTokenizer
+
+        with tempfile.TemporaryDirectory() as folder:
+            for name, data in info["tokenizer_files"].items():
+                Path(folder, name).write_bytes(data)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+    network = build_model(config, info["task"])
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    tied = set(getattr(network, "_tied_weights_keys", None) or ())
+    missing = [key for key in missing if key not in tied]
+    if missing or unexpected:
+        raise ConfigurationError(
+            f"the checkpoint's weights do not fit the stored config: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    tie_weights = getattr(network, "tie_weights", None)
+    if callable(tie_weights):
+        tie_weights()
+    return write_pretrained(target, network, tokenizer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``lit-bigmodel export CKPT OUT [--overwrite]``; input errors print one line and exit with status 2."""
+    parser = argparse.ArgumentParser(
+        prog="lit-bigmodel export",
+        description="Write a save_pretrained directory from a checkpoint of SFTModule / DistillationModule "
+        "(a file, or a DeepSpeed / FSDP sharded checkpoint directory).",
+    )
+    parser.add_argument("checkpoint", help="checkpoint file or sharded checkpoint directory")
+    parser.add_argument("out", help="output directory (must be empty or absent unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    args = parser.parse_args(argv)
+    try:
+        path = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+    except LitBigModelError as err:
+        print(f"lit-bigmodel export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"Exported {args.checkpoint} to {path}")
