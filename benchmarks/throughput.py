@@ -522,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
     args.seq = args.seq or default_seq
     args.warmup = args.warmup if args.warmup is not None else (8 if cuda else 5)
     args.precision = args.precision or ("bf16" if cuda else "32")
+    if args.steps <= args.warmup + 1:
+        parser.error(
+            f"--steps must exceed --warmup + 1 (warm-up steps are not timed), got {args.steps} and {args.warmup}"
+        )
 
     if args.child:  # a harness process
         if not cuda:
@@ -570,6 +574,8 @@ def main(argv: list[str] | None = None) -> None:
             chosen = dict(ordered[(len(ordered) - 1) // 2])
             chosen["rounds_step_ms"] = [r["median_step_ms"] for r in harness_runs]
             results.append(chosen)
+    by_name = {r["harness"]: r for r in results}
+    results = [r for r in results if r.get("tokens_per_s")]  # a harness without timed steps has no figure
     by_name = {r["harness"]: r for r in results}
     if "ours_single" in by_name:
         for r in results:

@@ -200,7 +200,10 @@ class DistillationModule(SFTModule):
             raise ConfigurationError(" ".join(problems))
         s_width, t_width = _width(self.model), _width(self.teacher)
         for s in self.hidden_layer_map:
-            self.projections[str(s)] = nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
+            # Under FSDP2, which puts no wrapper around the module, an unsharded projection would get no
+            # gradient all-reduce: each is sharded like the networks (a no-op under other strategies).
+            projection = nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
+            self.projections[str(s)] = self.shard_for_fsdp2(projection) if s_width != t_width else projection
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model, self.projections]

@@ -17,7 +17,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
-from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp2, offloads_optimizer, zero_stage
+from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp, is_fsdp2, offloads_optimizer, zero_stage
 from lit_bigmodel.datamodules.packing import block_causal_mask
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
@@ -69,7 +69,8 @@ class SFTModule(L.LightningModule):
         max_new_tokens: generation budget of `generate` (evaluation uses the reference length + 1).
         compile: ``torch.compile`` the training step's network and loss computation (not the
             LightningModule, not evaluation or generation). ``None``: on CUDA only (compiling takes
-            seconds to minutes, which dominates short CPU runs); ``True`` / ``False``; or a mode,
+            seconds to minutes, which dominates short CPU runs), and not under ZeRO-3 / FSDP / FSDP2,
+            where the network holds sharded parameters; ``True`` / ``False``; or a mode,
             one of ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
         chunked_loss: causal LM only: compute the training loss without materialising the
             ``(B, T, V)`` logits (see above). ``False`` uses `loss_from_logits` on the full logits.
@@ -350,8 +351,8 @@ class SFTModule(L.LightningModule):
                 return self.loss_from_logits(network(**inputs).logits, batch)
 
         compile_mode = self.compile_mode
-        if compile_mode is None:
-            compile_mode = self.device.type == "cuda"
+        if compile_mode is None:  # on CUDA, and not where the network's parameters are sharded (untested there)
+            compile_mode = self.device.type == "cuda" and not (zero_stage(self._trainer) == 3 or is_fsdp(self._trainer))
         if compile_mode is False:
             return train_loss
         mode = compile_mode if isinstance(compile_mode, str) and compile_mode != "default" else None
@@ -455,6 +456,10 @@ class SFTModule(L.LightningModule):
             kwargs["pad_token_id"] = pad if pad is not None else eos
         if eos is not None:
             kwargs["eos_token_id"] = eos
+        if (zero_stage(self._trainer) == 3 or is_fsdp(self._trainer)) and self.trainer.world_size > 1:
+            # Every forward is collective when the weights are sharded: a rank whose rows all ended must go on
+            # stepping until every rank is done (transformers cannot tell from the network under ZeRO-3 / FSDP2).
+            kwargs["synced_gpus"] = True
         kwargs.update(generate_kwargs)
         was_training = network.training
         network.eval()

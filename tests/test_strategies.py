@@ -204,6 +204,21 @@ def test_module_trains_under_strategy_and_exports_the_sharded_model(kind, strate
 
 
 @pytest.mark.multiprocess
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
+def test_hidden_state_projections_are_trained_alike_on_every_rank(strategy, tmp_path):
+    """The learned student→teacher projections sit outside both networks; FSDP2 has no wrapper that would
+    reduce their gradients, so they are sharded like the networks (else each rank trains its own copy)."""
+    done = _run("distill_hidden", strategy, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    first, second = report["projection_checksums"]
+    assert first == pytest.approx(second, rel=1e-9)
+    assert first != pytest.approx(report["projection_start"], rel=1e-6)  # they were trained
+    assert report["teacher_checksum"] == report["start"]["teacher"]
+    assert report["losses"][-1] < report["losses"][0]
+
+
+@pytest.mark.multiprocess
 def test_zero3_with_cpu_offload_trains_with_deepspeed_cpu_adam_and_exports(tmp_path):
     """DeepSpeed refuses a torch optimizer whose state it offloads: SFTModule picks DeepSpeed's CPU Adam there."""
     pytest.importorskip("deepspeed")

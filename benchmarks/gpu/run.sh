@@ -4,11 +4,13 @@
 #
 #   bash benchmarks/gpu/run.sh [PART ...]      # parts: throughput strategies pruning rollouts maxmodel seqgan
 #
-# DeepSpeed (for `strategies` and `maxmodel`) installs from wheels carried in .whl/ beside the repository
-# root: the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
-# typing_inspection (Python 3.12, manylinux x86_64), and ninja (DeepSpeed's CPU Adam is JIT-built for
-# ZeRO-Offload). Every part writes JSON/PNG under benchmarks/results/ and, when $OUT is set, copies its
-# log and results there. Budget (one H100/H200): throughput ~4 min, strategies ~4 min, pruning ~1 min
+# DeepSpeed (for `strategies` and `maxmodel`) installs from wheels carried in .whl/ in the repository root
+# (ignored by git): the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
+# typing_inspection, psutil, msgpack, einops, py-cpuinfo, ninja (DeepSpeed's CPU Adam is JIT-built for
+# ZeRO-Offload) and, if the machine lacks it, accelerate (transformers' ZeRO-3 loading checks for it);
+# Python 3.12, manylinux x86_64. The `seqgan` part reads the oracle from $ORACLE (default
+# shared/data/seqgan_oracle_lstm.npz inside the checkout: copy ../shared/data there, ignored, and carry it).
+# Every part writes JSON/PNG under benchmarks/results/ and copies its log and results to $OUT. Budget (one H100/H200): throughput ~4 min, strategies ~4 min, pruning ~1 min
 # (speed part only), rollouts ~1 min, maxmodel ~10+ min, seqgan (the paper run) the rest.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -17,15 +19,27 @@ OUT=${OUT:-/tmp/lit_bigmodel_gpu}
 mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(throughput strategies pruning rollouts)
+for part in "${parts[@]}"; do
+    case "$part" in throughput | strategies | pruning | rollouts | maxmodel | seqgan) ;;
+    *) echo "unknown part '$part': one of throughput strategies pruning rollouts maxmodel seqgan" >&2; exit 2 ;;
+    esac
+done
 
-install_deepspeed() {
+install_deepspeed() {  # into /tmp/site, once, in this shell (not in a pipeline's subshell)
     python3 -c "import deepspeed" 2>/dev/null && return 0
-    local site=/tmp/site
+    local site=/tmp/site root=$PWD
+    ls .whl/*.whl .whl/deepspeed-*.tar.gz >/dev/null 2>&1 || { echo "no .whl/ with deepspeed: see the header" >&2; return 1; }
     python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .whl/*.whl || return 1
-    (cd /tmp && tar xzf "$OLDPWD"/.whl/deepspeed-*.tar.gz && cd deepspeed-*/ &&
+    (cd /tmp && tar xzf "$root"/.whl/deepspeed-*.tar.gz && cd deepspeed-*/ &&
         DS_BUILD_OPS=0 python3 -m pip install -q --no-index --no-deps --no-build-isolation --target "$site" .) || return 1
     export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"
+    python3 -c "import deepspeed, accelerate; print('deepspeed', deepspeed.__version__)"
 }
+
+case " ${parts[*]} " in
+*" strategies "* | *" maxmodel "*)
+    install_deepspeed > >(tee "$OUT/install.log") 2>&1 ;;  # not a pipeline: its exports stay in this shell
+esac
 
 for part in "${parts[@]}"; do
     t0=$SECONDS
@@ -34,15 +48,14 @@ for part in "${parts[@]}"; do
         python3 benchmarks/throughput.py --model gpt2 --loss-curves
         python3 benchmarks/throughput.py --model llama1b --curve-steps 0 ;;
     strategies)
-        install_deepspeed || echo "deepspeed could not be installed: only ddp, fsdp, fsdp2"
+        python3 -c "import deepspeed" 2>/dev/null || echo "deepspeed is not installed: its two runs will fail"
         for s in ddp fsdp fsdp2 deepspeed_stage_2 deepspeed_stage_3; do
             python3 benchmarks/throughput.py --model gpt2 --strategy "$s" --steps 20
         done ;;
     pruning) python3 benchmarks/pruning.py --skip-accuracy ;;
     rollouts) python3 benchmarks/seqgan_rollouts.py --device cuda ;;
-    maxmodel) install_deepspeed && python3 benchmarks/max_model.py ;;
-    seqgan) python3 benchmarks/seqgan_oracle.py --oracle ../shared/data/seqgan_oracle_lstm.npz ;;
-    *) echo "unknown part $part" >&2; exit 2 ;;
+    maxmodel) python3 benchmarks/max_model.py ;;
+    seqgan) python3 benchmarks/seqgan_oracle.py --oracle "${ORACLE:-shared/data/seqgan_oracle_lstm.npz}" ;;
     esac 2>&1 | tee "$OUT/$part.log"
     echo "== $part: $((SECONDS - t0)) s"
 done

@@ -27,10 +27,19 @@ os.makedirs(out, exist_ok=True)
 PROBE = torch.tensor([[3, 4, 1, 5, 6, 2, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]])
 
 
-def gpt2(n_layer: int) -> GPT2Config:
+def gpt2(n_layer: int, n_embd: int = 32) -> GPT2Config:
     return GPT2Config(
-        n_layer=n_layer, n_embd=32, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        n_layer=n_layer, n_embd=n_embd, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
     )
+
+
+def rank_local_checksum(module: torch.nn.Module) -> float:
+    """Sum of the parameters as this rank sees them (a DTensor gathered whole: collective)."""
+    total = 0.0
+    for p in module.parameters():
+        tensor = p.full_tensor() if hasattr(p, "full_tensor") else p
+        total += float(tensor.detach().double().sum())
+    return total
 
 
 class Probe(L.Callback):
@@ -43,8 +52,10 @@ class Probe(L.Callback):
     def on_train_start(self, trainer, pl_module):  # type: ignore[no-untyped-def]
         if kind != "seqgan":
             self.start["student"] = full_checksum(pl_module.model, trainer.strategy)
-        if kind == "distill":
+        if kind.startswith("distill"):
             self.start["teacher"] = full_checksum(pl_module.teacher, trainer.strategy)
+        if kind == "distill_hidden":
+            self.start["projections"] = rank_local_checksum(pl_module.projections)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # type: ignore[no-untyped-def]
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -114,6 +125,10 @@ elif kind in ("sft", "sft_early_stopping", "sft_pruning"):
         callbacks.append(Pruning("unstructured", final_sparsity=0.5))
 elif kind == "distill":
     module = ProbedDistillation(gpt2(1), gpt2(2), alpha=0.5, learning_rate=1e-2, warmup_steps=0)
+elif kind == "distill_hidden":  # a narrower student: hidden states matched through a learned projection
+    module = ProbedDistillation(
+        gpt2(1, n_embd=16), gpt2(2), alpha=0.5, learning_rate=1e-2, warmup_steps=0, hidden_layer_map={1: 2}
+    )
 else:
     module = SeqGANModule(
         LSTMGenerator(5000, 8, 8, 6), CNNDiscriminator(5000, 8, (1, 2, 3), (4, 4, 4)),
@@ -151,7 +166,12 @@ else:
     if getattr(trainer.strategy, "zero_stage_3", False):  # outside a forward, ZeRO-3 parameters are empty shards
         report["partitioned"] = sum(p.data.numel() == 0 for p in module.model.parameters())
         report["parameters"] = len(list(module.model.parameters()))
-    if kind == "distill":
+    if kind == "distill_hidden":  # every rank must hold the same projection (its gradients are reduced)
+        checksums = [None] * trainer.world_size
+        torch.distributed.all_gather_object(checksums, rank_local_checksum(module.projections))
+        report["projection_checksums"] = checksums
+        report["projection_start"] = probe.start.get("projections")
+    if kind.startswith("distill"):
         report["teacher_checksum"] = full_checksum(module.teacher, trainer.strategy)
         report["teacher_trainable"] = sum(p.requires_grad for p in module.teacher.parameters())
         report["teacher_grads"] = sum(p.grad is not None for p in module.teacher.parameters())
