@@ -8,7 +8,7 @@
 # (ignored by git): the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
 # typing_inspection, psutil, msgpack, einops, py-cpuinfo, ninja (DeepSpeed's CPU Adam is JIT-built for
 # ZeRO-Offload) and, if the machine lacks it, accelerate (transformers' ZeRO-3 loading checks for it);
-# Python 3.12, manylinux x86_64. The `seqgan` part reads the oracle from $ORACLE (default
+# Python 3.12, manylinux x86_64. `bash benchmarks/gpu/fetch_wheels.sh` downloads them (5.6 MB). The `seqgan` part reads the oracle from $ORACLE (default
 # shared/data/seqgan_oracle_lstm.npz inside the checkout: copy ../shared/data there, ignored, and carry it).
 # Every part writes JSON/PNG under benchmarks/results/ and copies its log and results to $OUT. Budget (one H100/H200): throughput ~4 min, strategies ~4 min, pruning ~1 min
 # (speed part only), rollouts ~1 min, maxmodel ~10+ min, seqgan (the paper run) the rest.
