@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -51,19 +52,18 @@ def llama_config(name: str, seq: int) -> Any:
     from transformers import LlamaConfig
 
     hidden, intermediate, layers, heads, kv = SHAPES[name]
-    vocab = 32000 if name not in ("tiny", "small") else 512
     return LlamaConfig(
         hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers, num_attention_heads=heads,
-        num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=seq,
+        num_key_value_heads=kv, vocab_size=512 if name in ("tiny", "small") else 32000, max_position_embeddings=seq,
     )  # fmt: skip
 
 
 def count_params(name: str) -> int:
-    hidden, intermediate, layers, heads, kv = SHAPES[name]
-    vocab = 32000 if name not in ("tiny", "small") else 512
-    head_dim = hidden // heads
-    attention = hidden * hidden * 2 + 2 * hidden * kv * head_dim
-    return 2 * vocab * hidden + layers * (attention + 3 * hidden * intermediate + 2 * hidden) + hidden
+    """Parameters of the shape, counted on a network built on the meta device (no memory)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(llama_config(name, 128)).parameters())
 
 
 def child(args: argparse.Namespace) -> dict[str, Any]:
@@ -111,7 +111,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         "params_B": count_params(args.child_shape) / 1e9,
         "steps": len(times),
         "losses": losses,
-        "finite": all(map(lambda v: v == v and abs(v) != float("inf"), losses)),
+        "finite": all(map(math.isfinite, losses)),
         "median_step_s": statistics.median(times[1:] or times),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

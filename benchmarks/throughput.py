@@ -83,11 +83,14 @@ def build_config(name: str, seq: int) -> Any:
     return GPT2Config(n_positions=seq)  # GPT-2 124M
 
 
-def build_model(name: str, seq: int) -> torch.nn.Module:
-    """The network of ``name`` with the same initial weights in every harness."""
+def build_model(name: str, seq: int, meta: bool = False) -> torch.nn.Module:
+    """The network of ``name`` with the same initial weights in every harness (``meta``: shapes only)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
+    if meta:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(build_config(name, seq))
     return AutoModelForCausalLM.from_config(build_config(name, seq))
 
 
@@ -176,9 +179,11 @@ def make_strategy(name: str, ours: bool, cuda: bool, model: str, seq: int) -> An
     if name == "fsdp":  # as the anchor probe: FSDPStrategy(auto_wrap_policy={<block class>})
         from lightning.pytorch.strategies import FSDPStrategy
 
-        from lit_bigmodel.strategies import CPUFSDPStrategy
+        from lit_bigmodel.strategies import CPUFSDPStrategy, no_split_module_names
 
-        blocks = {type(m) for m in build_model(model, seq).modules() if type(m).__name__.endswith(("Block", "Layer"))}
+        network = build_model(model, seq, meta=True)
+        names = no_split_module_names(network)
+        blocks = {type(m) for m in network.modules() if type(m).__name__ in names}
         return (FSDPStrategy if cuda else CPUFSDPStrategy)(auto_wrap_policy=blocks)
     if name.startswith("deepspeed") and not cuda:  # Lightning's DeepSpeedStrategy refuses a CPU
         from lit_bigmodel.strategies import CPUDeepSpeedStrategy
@@ -308,7 +313,7 @@ def run_harness(args: argparse.Namespace) -> dict[str, Any]:
         world_size = trainer.world_size
         if not trainer.is_global_zero:
             return {}
-        model_info = describe(build_model(args.model, seq), seq)  # the full network: a sharded one has shards
+        model_info = describe(build_model(args.model, seq, meta=True), seq)  # full shapes: a sharded one has shards
     result = {"harness": harness, "world_size": world_size, **model_info, **clock.summary()}
     if args.strategy and harness in MULTI_DEVICE_HARNESSES:
         result["strategy"] = args.strategy
@@ -382,7 +387,6 @@ def launch(args: argparse.Namespace, child: str) -> dict[str, Any] | None:
 
 def strategy_table(results: list[dict[str, Any]], cuda: bool) -> str:
     """With ``--strategy``: per device, and against ``ours_single`` (scaling efficiency)."""
-    single = next((r for r in results if r["harness"] == "ours_single"), None)
     memory = "peak mem GiB" if cuda else "peak RSS GiB"
     rows = [
         f"| harness | strategy | devices | step ms | tokens/s | tokens/s per device | MFU | {memory} | "
@@ -396,7 +400,7 @@ def strategy_table(results: list[dict[str, Any]], cuda: bool) -> str:
         rows.append(
             f"| {r['harness']} | {r.get('strategy', '–')} | {r['world_size']} | {r['median_step_ms']:.1f} | "
             f"{r['tokens_per_s']:,.0f} | {r['tokens_per_s_per_device']:,.0f} | {mfu} | {mem:.2f} | "
-            + (f"{eff:.2f}" if eff is not None and single else "–")
+            + (f"{eff:.2f}" if eff is not None else "–")
             + " |"
         )
     return "\n".join(rows)
@@ -574,7 +578,6 @@ def main(argv: list[str] | None = None) -> None:
             chosen = dict(ordered[(len(ordered) - 1) // 2])
             chosen["rounds_step_ms"] = [r["median_step_ms"] for r in harness_runs]
             results.append(chosen)
-    by_name = {r["harness"]: r for r in results}
     results = [r for r in results if r.get("tokens_per_s")]  # a harness without timed steps has no figure
     by_name = {r["harness"]: r for r in results}
     if "ours_single" in by_name:

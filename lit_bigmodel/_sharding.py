@@ -17,7 +17,7 @@ def zero_stage(trainer: Any) -> int | None:
     strategy = getattr(trainer, "strategy", None)
     if not isinstance(strategy, DeepSpeedStrategy):
         return None
-    return int((strategy.config or {}).get("zero_optimization", {}).get("stage", 0))
+    return int((getattr(strategy, "config", None) or {}).get("zero_optimization", {}).get("stage", 0))
 
 
 def offloads_optimizer(trainer: Any) -> bool:
@@ -40,6 +40,11 @@ def is_fsdp2(trainer: Any) -> bool:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     return isinstance(getattr(trainer, "strategy", None), ModelParallelStrategy)
+
+
+def shards_parameters(trainer: Any) -> bool:
+    """Whether each rank holds only shards of the parameters: ZeRO-3, FSDP or FSDP2."""
+    return zero_stage(trainer) == 3 or is_fsdp(trainer)
 
 
 @contextlib.contextmanager

@@ -202,8 +202,9 @@ class DistillationModule(SFTModule):
         for s in self.hidden_layer_map:
             # Under FSDP2, which puts no wrapper around the module, an unsharded projection would get no
             # gradient all-reduce: each is sharded like the networks (a no-op under other strategies).
-            projection = nn.Linear(s_width, t_width) if s_width != t_width else nn.Identity()
-            self.projections[str(s)] = self.shard_for_fsdp2(projection) if s_width != t_width else projection
+            self.projections[str(s)] = (
+                self.shard_for_fsdp2(nn.Linear(s_width, t_width)) if s_width != t_width else nn.Identity()
+            )
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.model, self.projections]

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
+from lit_bigmodel._sharding import is_fsdp, zero_stage
 from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.losses import policy_gradient_loss
 from lit_bigmodel.metrics import HeldOutBLEU, NLLOracle
@@ -161,14 +162,12 @@ class SeqGANModule(L.LightningModule):
         self.rollout_policy = make_rollout_policy(self.generator)
 
     def setup(self, stage: str) -> None:
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        if isinstance(self.trainer.strategy, DeepSpeedStrategy):
+        if zero_stage(self.trainer) is not None:
             raise ConfigurationError(
                 "SeqGANModule trains two networks with two optimizers, and Lightning's DeepSpeed strategy allows one. "
                 "Use strategy='ddp_find_unused_parameters_true' or a single device instead."
             )
-        if isinstance(self.trainer.strategy, (FSDPStrategy, ModelParallelStrategy)):
+        if is_fsdp(self.trainer):
             raise ConfigurationError(
                 f"SeqGANModule does not support {type(self.trainer.strategy).__name__}: it samples from the "
                 "generator and moves the rollout policy towards it outside the model's forward pass, where FSDP "

@@ -17,7 +17,14 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
-from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp, is_fsdp2, offloads_optimizer, zero_stage
+from lit_bigmodel._sharding import (
+    full_state_dict,
+    hf_zero3_loading,
+    is_fsdp2,
+    offloads_optimizer,
+    shards_parameters,
+    zero_stage,
+)
 from lit_bigmodel.datamodules.packing import block_causal_mask
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
@@ -223,9 +230,7 @@ class SFTModule(L.LightningModule):
 
         Called in ``configure_model`` for every network the module builds; a no-op under any other strategy.
         """
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        if self._trainer is None or not isinstance(self.trainer.strategy, ModelParallelStrategy):
+        if not is_fsdp2(self._trainer):
             return network
         from lit_bigmodel.strategies import fully_shard_blocks
 
@@ -352,7 +357,7 @@ class SFTModule(L.LightningModule):
 
         compile_mode = self.compile_mode
         if compile_mode is None:  # on CUDA, and not where the network's parameters are sharded (untested there)
-            compile_mode = self.device.type == "cuda" and not (zero_stage(self._trainer) == 3 or is_fsdp(self._trainer))
+            compile_mode = self.device.type == "cuda" and not shards_parameters(self._trainer)
         if compile_mode is False:
             return train_loss
         mode = compile_mode if isinstance(compile_mode, str) and compile_mode != "default" else None
@@ -456,7 +461,7 @@ class SFTModule(L.LightningModule):
             kwargs["pad_token_id"] = pad if pad is not None else eos
         if eos is not None:
             kwargs["eos_token_id"] = eos
-        if (zero_stage(self._trainer) == 3 or is_fsdp(self._trainer)) and self.trainer.world_size > 1:
+        if shards_parameters(self._trainer) and self.trainer.world_size > 1:
             # Every forward is collective when the weights are sharded: a rank whose rows all ended must go on
             # stepping until every rank is done (transformers cannot tell from the network under ZeRO-3 / FSDP2).
             kwargs["synced_gpus"] = True
