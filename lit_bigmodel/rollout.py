@@ -175,8 +175,10 @@ def monte_carlo_rewards_reference(
             if isinstance(policy, LSTMGenerator):  # step by step: read the prefix, then sample the rest
                 token, state = samples.new_full((batch,), policy.start_token), None
                 for position in range(length):
-                    logits, state = policy.step(token, state)
-                    if position >= t:
+                    if position < t:  # the prefix: the LSTM alone, no output layer (as the released code)
+                        _, state = policy.lstm(policy.embedding(token)[:, None], state)
+                    else:
+                        logits, state = policy.step(token, state)
                         sequence[:, position] = sample_categorical(logits, generator)
                     token = sequence[:, position]
             else:

@@ -263,3 +263,19 @@ def test_text_lines_errors(tmp_path):
         TextLinesDataModule([str(tmp_path / "nope.txt")])
     with pytest.raises(ConfigurationError, match=r"`min_words`.*`num_held_out`"):
         TextLinesDataModule([str(tmp_path / "short.txt")], min_words=50, num_held_out=0)
+
+
+def test_a_new_epoch_leaves_the_global_random_state_alone():
+    """A checkpoint written at an epoch's last batch holds the random state of that moment; the resumed run
+    starts a new epoch before its next step, so starting one must not draw from torch's global generator."""
+    from lit_bigmodel.datamodules._collate import stack_tokens
+    from lit_bigmodel.datamodules._sampling import build_loader
+
+    loader = build_loader(list(torch.arange(12).view(6, 2)), batch_size=2, collate_fn=stack_tokens, trainer=None,
+                          shuffle=True, seed=0)  # fmt: skip
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    first = [batch["tokens"].tolist() for batch in loader]
+    assert torch.equal(torch.get_rng_state(), before)
+    # the order is the seed's (and the epoch's), not the global state's
+    assert [batch["tokens"].tolist() for batch in loader] == first

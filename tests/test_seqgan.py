@@ -197,6 +197,47 @@ def test_resume_in_the_adversarial_phase_continues_it_exactly(tmp_path):
     assert [h["nll_oracle"] for h in resumed.history] == [h["nll_oracle"] for h in full.history]
 
 
+def test_whole_data_batches_split_into_updates_resume_exactly_on_the_graphed_d_path(tmp_path):
+    """The paper benchmark's layout: the loader gives all 48 rows at once, and each training step cuts its
+    G and D updates (8 rows) from them, D's through `GraphedUpdate` (eager on a CPU)."""
+
+    def run(root, ckpt_path=None, callbacks=()):
+        L.seed_everything(0)
+        module = _tiny_seqgan(g_batch_size=8, d_batch_size=8, cuda_graphs=True)
+        sizes = []
+        d = module._discriminator_source  # built in configure_model from this instance
+        forward = d.forward
+        d.forward = lambda tokens: (sizes.append(tokens.shape[0]) if d.training else None) or forward(tokens)
+        trainer = tiny_trainer(root, max_epochs=-1, callbacks=list(callbacks), enable_checkpointing=bool(callbacks))
+        data = OracleDataModule("random", num_sequences=48, seq_len=6, batch_size=48)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module, trainer, sizes
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=1, save_top_k=-1)
+    full, trainer, sizes = run(tmp_path / "a", callbacks=[saver])
+    # the same updates as with 8-row loader batches (test above): 6 G updates an MLE epoch, 12 D updates a D epoch
+    assert trainer.global_step == 12 + 6 * 2 + 3 * (1 + 6 * 2)
+    assert full.schedule["phase"] == "done"
+    assert sizes.count(8) == 12 * 4  # D's updates: 96 rows (48 real, 48 fake) in 12 updates, 4 D epochs
+    steps = sorted(glob.glob(str(tmp_path / "ckpt" / "*.ckpt")), key=lambda path: int(path.split("step=")[1][:-5]))
+    adversarial = [
+        path for path in steps if torch.load(path, weights_only=True)["seqgan"]["schedule"]["phase"] == "adversarial"
+    ]
+    state = torch.load(adversarial[3], weights_only=True)["seqgan"]["schedule"]
+    assert (state["epoch"], state["unit"]) == (1, 1)  # epoch 1's G step done, its D epoch next
+    resumed, _, _ = run(tmp_path / "b", ckpt_path=adversarial[3])
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+    assert [h["nll_oracle"] for h in resumed.history] == [h["nll_oracle"] for h in full.history]
+
+
+def test_cuda_graphs_need_full_precision_on_one_device(tmp_path):
+    module = _tiny_seqgan(cuda_graphs=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=-1, precision="bf16-mixed")
+    with pytest.raises(ConfigurationError, match=r"`cuda_graphs=True`.*precision='bf16-mixed'.*cuda_graphs=False"):
+        trainer.fit(module, _tiny_oracle_data())
+
+
 def test_hf_causal_lm_generator_through_the_adversarial_phase(tmp_path):
     from transformers import GPT2Config
 
@@ -228,7 +269,8 @@ def test_deepspeed_gets_a_clear_error_up_front():
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"mle_epochs": -1}, "mle_epochs"), ({"d_epochs": 0}, "d_epochs"), ({"rollout_num": 0}, "rollout_num"),
-     ({"rollout_update_rate": 1.5}, "rollout_update_rate"), ({"g_lr": 0.0}, "g_lr"), ({"pg_reduction": "max"}, "pg_reduction")],
+     ({"rollout_update_rate": 1.5}, "rollout_update_rate"), ({"g_lr": 0.0}, "g_lr"), ({"pg_reduction": "max"}, "pg_reduction"),
+     ({"g_batch_size": 0}, "g_batch_size"), ({"d_batch_size": 0}, "d_batch_size")],
 )  # fmt: skip
 def test_invalid_arguments_name_the_argument(kwargs, name):
     with pytest.raises(ConfigurationError, match=f"`{name}`"):
@@ -276,6 +318,27 @@ def test_cpu_smoke_config_learns(tmp_path, monkeypatch):
     history = cli.model.history
     assert history[0]["phase"] == "untrained" and history[-1]["phase"] == "adversarial"
     assert history[-1]["nll_oracle"] < history[0]["nll_oracle"] - 1.0
+
+
+def test_paper_config_parses_and_runs_its_layout_shrunk(tmp_path):
+    """configs/seqgan_oracle_paper.yaml with every count cut down: whole-data loader batches, 64-row updates,
+    the CUDA-graph D path (eager here), the paper's networks."""
+    from lit_bigmodel.cli import run_cli
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "seqgan_oracle_paper.yaml"
+    shrink = {"mle_epochs": 1, "d_pretrain_rounds": 1, "d_epochs": 1, "adv_epochs": 1, "d_steps": 1, "rollout_num": 2,
+              "nll_samples": 64}  # fmt: skip
+    args = ["fit", "-c", str(config), "--data.init_args.oracle", "random", "--data.init_args.num_sequences", "256",
+            "--data.init_args.batch_size", "256", "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    for key, value in shrink.items():
+        args += [f"--model.init_args.{key}", str(value)]
+    cli = run_cli(args)
+    module, trainer = cli.model, cli.trainer
+    assert module.cfg.cuda_graphs and module.cfg.d_batch_size == module.cfg.g_batch_size == 64
+    assert module.discriminator.conv_weight.shape == (1720, 20, 64)  # the paper's D
+    # MLE: 4 updates; D pretraining: 512 rows in 8 updates; adversarial: 1 G step and 8 D updates
+    assert module.schedule["phase"] == "done" and trainer.global_step == 4 + 8 + 1 + 8
 
 
 def test_held_out_bleu_equals_torchmetrics_given_every_reference():

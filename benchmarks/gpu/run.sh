@@ -2,7 +2,7 @@
 # The GPU measurements of the open issues, as one script for a machine with one CUDA GPU whose python3 has
 # torch, lightning, transformers and torchmetrics but not deepspeed (the `device` machine of our workplace).
 #
-#   bash benchmarks/gpu/run.sh [PART ...]      # parts: throughput strategies pruning rollouts maxmodel seqgan
+#   bash benchmarks/gpu/run.sh [PART ...]      # parts: gputests throughput strategies pruning rollouts dstep maxmodel seqgan
 #
 # DeepSpeed (for `strategies` and `maxmodel`) installs from wheels carried in .whl/ in the repository root
 # (ignored by git): the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
@@ -10,18 +10,20 @@
 # ZeRO-Offload) and, if the machine lacks it, accelerate (transformers' ZeRO-3 loading checks for it);
 # Python 3.12, manylinux x86_64. `bash benchmarks/gpu/fetch_wheels.sh` downloads them (5.6 MB). The `seqgan` part reads the oracle from $ORACLE (default
 # shared/data/seqgan_oracle_lstm.npz inside the checkout: copy ../shared/data there, ignored, and carry it).
-# Every part writes JSON/PNG under benchmarks/results/ and copies its log and results to $OUT. Budget (one H100/H200): throughput ~4 min, strategies ~4 min, pruning ~1 min
-# (speed part only), rollouts ~1 min, maxmodel ~10+ min, seqgan (the paper run) the rest.
+# Every part writes JSON/PNG under benchmarks/results/ and copies its log and results to $OUT. Budget (one H100/H200): gputests <1 min (the
+# `gpu`-marked tests: CUDA-graph D updates against eager ones, 16-mixed), throughput ~4 min, strategies ~4 min, pruning ~1 min (speed part
+# only), rollouts ~1 min, dstep ~1 min (one D update: eager vs CUDA graph), maxmodel ~10+ min, seqgan: a one-minute check of every phase
+# (--preset quick), then the paper run (goal <= 10 min; needs a command limit of 10 min to itself).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT=${OUT:-/tmp/lit_bigmodel_gpu}
 mkdir -p "$OUT"
 parts=("$@")
-[ ${#parts[@]} -gt 0 ] || parts=(throughput strategies pruning rollouts)
+[ ${#parts[@]} -gt 0 ] || parts=(gputests throughput strategies pruning rollouts dstep)
 for part in "${parts[@]}"; do
-    case "$part" in throughput | strategies | pruning | rollouts | maxmodel | seqgan) ;;
-    *) echo "unknown part '$part': one of throughput strategies pruning rollouts maxmodel seqgan" >&2; exit 2 ;;
+    case "$part" in gputests | throughput | strategies | pruning | rollouts | dstep | maxmodel | seqgan) ;;
+    *) echo "unknown part '$part': one of gputests throughput strategies pruning rollouts dstep maxmodel seqgan" >&2; exit 2 ;;
     esac
 done
 
@@ -44,6 +46,7 @@ esac
 for part in "${parts[@]}"; do
     t0=$SECONDS
     case "$part" in
+    gputests) python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_cuda_graphs.py tests/test_precision.py ;;
     throughput)
         python3 benchmarks/throughput.py --model gpt2 --loss-curves
         python3 benchmarks/throughput.py --model llama1b --curve-steps 0 ;;
@@ -54,8 +57,14 @@ for part in "${parts[@]}"; do
         done ;;
     pruning) python3 benchmarks/pruning.py --skip-accuracy ;;
     rollouts) python3 benchmarks/seqgan_rollouts.py --device cuda ;;
+    dstep)
+        python3 benchmarks/seqgan_dstep.py --matmul-precision high
+        python3 benchmarks/seqgan_dstep.py --matmul-precision highest --out benchmarks/results/seqgan_dstep_cuda_fp32.json ;;
     maxmodel) python3 benchmarks/max_model.py ;;
-    seqgan) python3 benchmarks/seqgan_oracle.py --oracle "${ORACLE:-shared/data/seqgan_oracle_lstm.npz}" ;;
+    seqgan)
+        oracle=${ORACLE:-shared/data/seqgan_oracle_lstm.npz}
+        python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --preset quick --matmul-precision high --out "$OUT/seqgan_quick" &&
+            python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --matmul-precision high --out "$OUT/seqgan_oracle" ;;
     esac 2>&1 | tee "$OUT/$part.log"
     echo "== $part: $((SECONDS - t0)) s"
 done

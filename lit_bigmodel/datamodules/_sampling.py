@@ -78,6 +78,9 @@ def build_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
+        # its own generator for the seed each iterator draws: from torch's global one, every new epoch would
+        # advance the global random state between a checkpoint written at an epoch's last batch and the next step
+        generator=torch.Generator().manual_seed(seed),
     )
     if trainer is not None and shuffle:
         # `processed`, not `completed`: a checkpoint written in `on_train_batch_end` (ModelCheckpoint's
