@@ -8,6 +8,7 @@ from typing import Any, Union, cast
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
 from lit_bigmodel._rng import restore_rng_states, rng_states
@@ -58,7 +59,8 @@ class SeqGANModule(L.LightningModule):
             Lightning's per-step work is paid ~3,500 times in the paper's run instead of ~500,000.
         cuda_graphs: run each full-size D update as a replayed CUDA graph (`GraphedUpdate`; D's Adam
             is then fused). Needs one device and ``precision="32-true"``; D's updates then skip
-            Lightning's ``optimizer_step`` hooks (``trainer.global_step`` still counts them). On a CPU
+            Lightning's backward and ``optimizer_step`` hooks (``on_before_backward``,
+            ``on_before_optimizer_step``, ...; ``trainer.global_step`` still counts them). On a CPU
             the same code runs eagerly, so a configuration can be tried there.
         reset_g_optimizer: start the adversarial phase with a fresh Adam state for G, as the
             released code, which uses separate optimizers for MLE and policy-gradient updates.
@@ -71,6 +73,11 @@ class SeqGANModule(L.LightningModule):
 
         module = SeqGANModule(LSTMGenerator(5000, 32, 32, 20), mle_epochs=120, adv_epochs=200)
         L.Trainer(max_epochs=-1).fit(module, OracleDataModule("seqgan_oracle_lstm.npz"))
+
+        # the same updates on a GPU, one training step an epoch, D's updates as replayed CUDA graphs
+        module = SeqGANModule(LSTMGenerator(5000, 32, 32, 20), g_batch_size=64, d_batch_size=64, cuda_graphs=True)
+        data = OracleDataModule("seqgan_oracle_lstm.npz", batch_size=10_000)
+        L.Trainer(max_epochs=-1, accelerator="gpu", devices=1).fit(module, data)
     """
 
     def __init__(
@@ -188,11 +195,16 @@ class SeqGANModule(L.LightningModule):
                 "holds only shards of the weights. Use strategy='ddp_find_unused_parameters_true' or a single "
                 "device (the paper's networks have 7.7 M parameters; each rank holds them whole)."
             )
-        if self.cfg.cuda_graphs and (self.trainer.world_size > 1 or self.trainer.precision != "32-true"):
+        strategy = self.trainer.strategy
+        if (
+            self.cfg.cuda_graphs
+            and stage == "fit"
+            and (not isinstance(strategy, SingleDeviceStrategy) or self.trainer.precision != "32-true")
+        ):
             raise ConfigurationError(
                 "`cuda_graphs=True` captures D's update on one device in full precision; got "
-                f"{self.trainer.world_size} processes and precision={self.trainer.precision!r}. Use one device and "
-                "precision='32-true', or cuda_graphs=False."
+                f"{type(strategy).__name__} and precision={self.trainer.precision!r}. Use one device "
+                "(strategy='auto', devices=1) and precision='32-true', or cuda_graphs=False."
             )
         datamodule = getattr(self.trainer, "datamodule", None)
         data_vocab = getattr(datamodule, "vocab_size", None)
@@ -355,8 +367,9 @@ class SeqGANModule(L.LightningModule):
         for rows in order.split(size):
             if self.cfg.cuda_graphs:
                 if self._d_update is None:
-                    self._d_update = GraphedUpdate(self._d_loss, d_opt.optimizer)
-                _, loss, accuracy = self._d_update(tokens[rows], labels[rows])
+                    self._d_update = GraphedUpdate(self._d_loss, d_opt.optimizer, module=self.discriminator)
+                update = self._d_update if len(rows) == size else self._d_update.eager  # the graph holds full ones
+                _, loss, accuracy = update(tokens[rows], labels[rows])
                 d_opt._on_before_step()  # count the update in trainer.global_step, as LightningOptimizer.step does
                 d_opt._on_after_step()
             else:

@@ -44,6 +44,19 @@ def test_packed_filters_start_with_zero_padding_and_the_paper_sizes():
     assert sum(int(p.numel()) for p in d.parameters()) - int(padding.sum()) == expected
 
 
+def test_state_dicts_of_the_per_width_layout_load_into_the_packed_one():
+    torch.manual_seed(0)
+    packed = CNNDiscriminator(50, 8, (1, 3), (4, 5), dropout=0.0)
+    old = {k: v for k, v in packed.state_dict().items() if not k.startswith("conv_")}
+    for i, (k, rows) in enumerate(zip((1, 3), (slice(0, 4), slice(4, 9)))):  # the earlier nn.Conv1d(8, n, k)s
+        old[f"convs.{i}.weight"] = packed.conv_weight.detach()[rows, :k].transpose(1, 2).clone()
+        old[f"convs.{i}.bias"] = packed.conv_bias.detach()[rows].clone()
+    loaded = CNNDiscriminator(50, 8, (1, 3), (4, 5), dropout=0.0)
+    loaded.load_state_dict(old)
+    tokens = torch.randint(0, 50, (3, 6))
+    assert torch.equal(loaded(tokens), packed(tokens))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"impl": "cudnn"}, "impl"), ({"filter_sizes": (0, 2), "num_filters": (3, 3)}, "filter_sizes"),

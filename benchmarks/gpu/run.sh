@@ -63,8 +63,14 @@ for part in "${parts[@]}"; do
     maxmodel) python3 benchmarks/max_model.py ;;
     seqgan)
         oracle=${ORACLE:-shared/data/seqgan_oracle_lstm.npz}
-        python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --preset quick --matmul-precision high --out "$OUT/seqgan_quick" &&
-            python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --matmul-precision high --out "$OUT/seqgan_oracle" ;;
+        # D's convolutions as the dstep part measured fastest under a graph, if it ran; else CNNDiscriminator's "auto"
+        impl=$(python3 -c "import json; r = json.load(open('benchmarks/results/seqgan_dstep_cuda.json'))['ms_per_update']
+print(min(('conv', 'unfold'), key=lambda i: r['graph_' + i]))" 2>/dev/null || echo auto)
+        echo "D implementation: $impl"
+        python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --preset quick --matmul-precision high --d-impl "$impl" \
+            --out "$OUT/seqgan_quick" &&
+            python3 benchmarks/seqgan_oracle.py --oracle "$oracle" --matmul-precision high --d-impl "$impl" \
+                --out "$OUT/seqgan_oracle" ;;
     esac 2>&1 | tee "$OUT/$part.log"
     echo "== $part: $((SECONDS - t0)) s"
 done
