@@ -9,7 +9,8 @@ What capture needs, and what this class does about it:
 
 - warm-up iterations before capture (cuBLAS handles, the optimizer's state): they run on the real
   parameters, so the parameters, the optimizer's state and the CUDA random state are saved before
-  and put back after — the first replayed update starts from exactly where the caller was;
+  and put back after — the first replayed update starts from where the caller was (module buffers,
+  e.g. BatchNorm's running statistics, are not put back; SeqGAN's networks have none);
 - a capturable optimizer: ``capturable=True`` is set on its parameter groups (Adam and AdamW only:
   their fresh state is zeros, the state the warm-up puts back);
 - fixed shapes: the first call's shapes are captured; a later call whose inputs differ in shape
