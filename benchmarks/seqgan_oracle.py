@@ -9,7 +9,7 @@ adversarial epochs of 1 G step (16 rollouts, rollout policy updated with rate 0.
 adversarial epochs. Writes JSON (with the wall time of each phase), a learning-curve PNG and the
 final generator's samples (one sequence of 20 integers a line) to ``--out``.
 
-The run makes ~983,000 D updates of 64 rows. The loader hands over all 10,000 real sequences at
+The run makes ~986,000 D updates of 64 rows. The loader hands over all 10,000 real sequences at
 once and `SeqGANModule` cuts its updates of 64 rows from them (``g_batch_size``, ``d_batch_size``),
 so one training step is one epoch; on a GPU each D update is a replayed CUDA graph
 (``cuda_graphs``; ``benchmarks/seqgan_dstep.py`` measures one update each way).
@@ -37,7 +37,7 @@ from lit_bigmodel.nets.cnn_discriminator import IMPLS
 
 PRESETS = {
     "paper": {"mle_epochs": 120, "d_pretrain_rounds": 50, "d_epochs": 3, "adv_epochs": 200, "d_steps": 5, "nll_samples": 100_000, "eval_every": 5},
-    # the paper's MLE phase in full, then as much of D pretraining and the adversarial phase as ~30 CPU minutes allow
+    # the paper's MLE phase in full, then as much of D pretraining and the adversarial phase as an hour of a 2-core CPU allows
     "cpu": {"mle_epochs": 120, "d_pretrain_rounds": 5, "d_epochs": 3, "adv_epochs": 20, "d_steps": 1, "nll_samples": 10_000, "eval_every": 5},
     # every phase and code path once, in about a minute on a GPU: run it before the paper run
     "quick": {"mle_epochs": 2, "d_pretrain_rounds": 1, "d_epochs": 1, "adv_epochs": 2, "d_steps": 1, "nll_samples": 10_000, "eval_every": 1},

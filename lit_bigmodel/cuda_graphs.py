@@ -1,7 +1,7 @@
 """`GraphedUpdate`: one training update — forward, backward, optimizer step — captured once as a CUDA graph.
 
 A small network's update is a few dozen short kernels; launched one by one from Python, the GPU
-waits on the launches (SeqGAN's discriminator: ~983,000 updates of 64 rows in the paper's run).
+waits on the launches (SeqGAN's discriminator: ~986,000 updates of 64 rows in the paper's run).
 Replaying a captured graph launches them all at once. The captured update reads its inputs from
 static buffers, so each call copies the batch in, replays, and returns the static outputs.
 

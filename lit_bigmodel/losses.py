@@ -291,6 +291,27 @@ def attention_loss(
 
 
 # ----------------------------------------------------------------------------- policy gradient
+def discriminator_loss(
+    discriminator: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SeqGAN's D objective on one update's rows: ``(loss + L2 penalty, loss, accuracy)``, the last two detached.
+
+    Cross-entropy of ``discriminator(tokens)`` ``(B, 2)`` against ``labels`` ``(B,)`` (1 = real), plus the
+    discriminator's ``l2_penalty()`` where it has one (the paper's CNN: L2 0.2 on its output layer).
+
+    Example::
+
+        total, loss, accuracy = discriminator_loss(D, tokens, labels)
+        total.backward()
+    """
+    logits = discriminator(tokens)
+    loss = F.cross_entropy(logits.float(), labels)
+    l2_penalty = getattr(discriminator, "l2_penalty", None)
+    penalty = l2_penalty() if callable(l2_penalty) else 0.0
+    accuracy = (logits.argmax(-1) == labels).float().mean()
+    return loss + penalty, loss.detach(), accuracy
+
+
 def policy_gradient_loss(
     logits: torch.Tensor,
     tokens: torch.Tensor,

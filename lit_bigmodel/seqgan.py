@@ -15,7 +15,7 @@ from lit_bigmodel._rng import restore_rng_states, rng_states
 from lit_bigmodel._sharding import is_fsdp, zero_stage
 from lit_bigmodel.cuda_graphs import GraphedUpdate
 from lit_bigmodel.errors import ConfigurationError
-from lit_bigmodel.losses import policy_gradient_loss
+from lit_bigmodel.losses import discriminator_loss, policy_gradient_loss
 from lit_bigmodel.metrics import HeldOutBLEU, NLLOracle
 from lit_bigmodel.nets.cnn_discriminator import CNNDiscriminator
 from lit_bigmodel.rollout import make_rollout_policy, monte_carlo_rewards, update_rollout_policy
@@ -383,12 +383,7 @@ class SeqGANModule(L.LightningModule):
         self.log_dict({"d/loss": loss_sum / count, "d/accuracy": correct / count})
 
     def _d_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """D's objective on one update's rows: (loss + L2 penalty, loss, accuracy); the last two detached."""
-        logits = self.discriminator(tokens)  # (b, 2)
-        loss = F.cross_entropy(logits.float(), labels)
-        penalty = self.discriminator.l2_penalty() if hasattr(self.discriminator, "l2_penalty") else 0.0
-        accuracy = (logits.argmax(-1) == labels).float().mean()
-        return loss + penalty, loss.detach(), accuracy
+        return discriminator_loss(self.discriminator, tokens, labels)
 
     def _negative_batch(self, size: int) -> torch.Tensor:
         """The next ``size`` negatives of this D round; a fresh pool of one epoch's worth is sampled first."""

@@ -111,7 +111,9 @@ class CNNDiscriminator(nn.Module):
         x = self.embedding(tokens)  # (B, T, E)
         length = max(x.shape[1], self.max_width)  # sequences shorter than a filter are zero-padded
         if self._resolve_impl(tokens) == "conv":
-            x = F.pad(x, (0, 0, 0, length - x.shape[1])).transpose(1, 2)  # (B, E, T')
+            if length > x.shape[1]:
+                x = F.pad(x, (0, 0, 0, length - x.shape[1]))
+            x = x.transpose(1, 2)  # (B, E, T')
             weights = self.conv_weight.split(self.num_filters)  # split, not slices: one cat in backward
             biases = self.conv_bias.split(self.num_filters)
             parts = [
