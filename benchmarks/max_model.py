@@ -19,6 +19,7 @@ DeepSpeed JIT-compiles on first use: the machine needs a C++ compiler and the ``
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -58,6 +59,7 @@ def llama_config(name: str, seq: int) -> Any:
     )  # fmt: skip
 
 
+@functools.cache  # the table asks again for each row
 def count_params(name: str) -> int:
     """Parameters of the shape, counted on a network built on the meta device (no memory)."""
     from transformers import AutoModelForCausalLM

@@ -201,8 +201,6 @@ def lightning_trainer(args: argparse.Namespace, steps: int, callbacks: list[Any]
     extra: dict[str, Any] = {}
     if args.strategy and harness in MULTI_DEVICE_HARNESSES:
         extra["strategy"] = make_strategy(args.strategy, harness == "ours", cuda, args.model, args.seq)
-    elif devices > 1:
-        extra["strategy"] = "ddp"
     return L.Trainer(
         accelerator="gpu" if cuda else "cpu", devices=devices, precision=precision, max_steps=steps,
         logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

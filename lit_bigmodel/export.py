@@ -49,6 +49,13 @@ def write_pretrained(
 
     Everything is written into a staging folder beside ``target`` and renamed into place.
     """
+    if state_dict is not None:  # gathered copies of tied weights: one tensor again, so transformers writes it once
+        state_dict = dict(state_dict)
+        names: dict[int, str] = {}
+        for name, param in network.named_parameters(remove_duplicate=False):
+            first = names.setdefault(id(param), name)
+            if first != name and first in state_dict and name in state_dict:
+                state_dict[name] = state_dict[first]
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)

@@ -505,11 +505,10 @@ class SFTModule(L.LightningModule):
             raise ConfigurationError(
                 f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model."
             )
-        state = full_state_dict(self._trainer, self, self.model)  # collective under sharding
-        if self._trainer is not None and not self.trainer.is_global_zero:
+        state = full_state_dict(self._trainer, self, network)  # collective under sharding; None off rank zero
+        if state is None:
             return target
-        assert state is not None
-        return write_pretrained(target, network, self.tokenizer, _unprefixed(state, self.model, network))
+        return write_pretrained(target, network, self.tokenizer, state)
 
     # ------------------------------------------------------------------ optimization
     def trainable_modules(self) -> list[nn.Module]:
@@ -565,13 +564,6 @@ class SFTModule(L.LightningModule):
         if self._pending_rng_states is not None:
             restore_rng_states(self._pending_rng_states)
             self._pending_rng_states = None
-
-
-def _unprefixed(state: dict[str, torch.Tensor], model: nn.Module, network: nn.Module) -> dict[str, torch.Tensor]:
-    """``state`` (of ``model``) keyed as ``network``'s state dict: drops ``torch.compile``'s ``_orig_mod.``."""
-    if network is model:
-        return state
-    return {key.removeprefix("_orig_mod."): value for key, value in state.items()}
 
 
 def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> Any:

@@ -22,7 +22,8 @@ Example::
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
@@ -129,19 +130,31 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     def _get_process_group_backend(self) -> str:
         return self._process_group_backend or "gloo"
 
-    def _setup_model_and_optimizer(self, model: nn.Module, optimizer: Any, lr_scheduler: Any = None) -> Any:
+    def _initialize_deepspeed_train(self, model: nn.Module) -> None:
+        with self._local_device_rank():
+            super()._initialize_deepspeed_train(model)
+
+    def _initialize_deepspeed_inference(self, model: nn.Module) -> None:
+        with self._local_device_rank():
+            super()._initialize_deepspeed_inference(model)
+
+    @contextlib.contextmanager
+    def _local_device_rank(self) -> Iterator[None]:
+        """Lightning gives ``deepspeed.initialize`` the CUDA index as device rank (None on a CPU): give the local rank."""
         import deepspeed
 
-        engine, deepspeed_optimizer, _, _ = deepspeed.initialize(
-            args=argparse.Namespace(device_rank=self.local_rank),  # Lightning passes the CUDA index, None here
-            config=self.config,
-            model=model,
-            model_parameters=[p for p in model.parameters() if p.requires_grad],
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            dist_init_required=False,
-        )
-        return engine, deepspeed_optimizer
+        initialize = deepspeed.initialize
+
+        def with_rank(*args: Any, **kwargs: Any) -> Any:
+            if getattr(kwargs.get("args"), "device_rank", 0) is None:
+                kwargs["args"] = argparse.Namespace(device_rank=self.local_rank)
+            return initialize(*args, **kwargs)
+
+        deepspeed.initialize = with_rank
+        try:
+            yield
+        finally:
+            deepspeed.initialize = initialize
 
 
 # ---------------------------------------------------------------------------------------------- presets

@@ -112,6 +112,8 @@ if kind == "sft_pretrained":  # from_pretrained inside configure_model (the ZeRO
         AutoModelForCausalLM.from_config(gpt2(2)).save_pretrained(base)
     saved = AutoModelForCausalLM.from_pretrained(base)
     saved_checksum = float(sum(p.detach().double().sum() for p in saved.parameters()))
+    # what full_checksum sums under FSDP: the state dict, where tied weights appear under each name
+    saved_state_checksum = float(sum(v.double().sum() for v in saved.state_dict().values()))
     module = ProbedSFT(base, learning_rate=1e-2, warmup_steps=0)
 elif kind in ("sft", "sft_early_stopping", "sft_pruning"):
     module = ProbedSFT(gpt2(2), learning_rate=1e-2, warmup_steps=0)
@@ -163,6 +165,7 @@ else:
     report["start"] = probe.start
     if kind == "sft_pretrained":
         report["saved_checksum"] = saved_checksum
+        report["saved_state_checksum"] = saved_state_checksum
     if getattr(trainer.strategy, "zero_stage_3", False):  # outside a forward, ZeRO-3 parameters are empty shards
         report["partitioned"] = sum(p.data.numel() == 0 for p in module.model.parameters())
         report["parameters"] = len(list(module.model.parameters()))
