@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import time
 
 import pytest
 
@@ -44,17 +45,27 @@ def test_tensorboard_logger_writes_event_files(tmp_path, tiny_gpt2_config):
 
 
 def test_wandb_offline_writes_a_run_directory(tmp_path, tiny_gpt2_config, monkeypatch):
-    pytest.importorskip("wandb")
+    wandb = pytest.importorskip("wandb")
     from lightning.pytorch.loggers import WandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     logger = WandbLogger(project="lit-bigmodel-test", save_dir=str(tmp_path), offline=True)
     _fit(tmp_path, logger, tiny_gpt2_config)
+    summary = dict(logger.experiment.summary)
+    assert {"train/loss", "val/exact_match"} <= set(summary), sorted(summary)
     logger.experiment.finish()
+    # `finish()` can return before W&B's service process has flushed the run file (a CI run read the
+    # 7-byte header alone); tearing the service down closes the file, and the wait covers a slow close.
+    wandb.teardown()
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     records = list(runs[0].glob("run-*.wandb"))
     assert len(records) == 1, list(runs[0].iterdir())
-    data = records[0].read_bytes()  # the run's protobuf records, with the metric keys
-    assert b"train/loss" in data and b"val/exact_match" in data
+    deadline = time.monotonic() + 60
+    while True:
+        data = records[0].read_bytes()  # the run's protobuf records, with the metric keys
+        if (b"train/loss" in data and b"val/exact_match" in data) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert b"train/loss" in data and b"val/exact_match" in data, f"{len(data)} bytes in {records[0].name}"
