@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 from torch import nn
 from transformers import (
@@ -44,7 +44,7 @@ def build_model(
     """
     if task not in _AUTO:
         raise ConfigurationError(f"`task` must be one of {tuple(_AUTO)}, got {task!r}.")
-    label_kwargs = {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
+    label_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
     if isinstance(source, PretrainedConfig):
         config = source.__class__.from_dict(source.to_dict())  # a copy: the caller's config stays unchanged
         if tokenizer is not None:
