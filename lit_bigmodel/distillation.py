@@ -15,7 +15,8 @@ from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.losses import DISTILLATION_LOSSES, attention_loss, distillation_loss, hidden_state_loss
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model
-from lit_bigmodel.sft import Schedule, SFTModule
+from lit_bigmodel.schedules import ModuleScheduleName
+from lit_bigmodel.sft import SFTModule
 
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd", "mse"]
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -83,7 +84,7 @@ class DistillationModule(SFTModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int | float = 0.05,
-        lr_schedule: Schedule = "cosine",
+        lr_schedule: ModuleScheduleName = "cosine",
         min_lr_ratio: float = 0.0,
         generate_eval: bool = True,
         max_new_tokens: int = 32,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any, Literal, cast
+from typing import Any, cast
 
 import lightning as L
 import torch
@@ -32,8 +32,8 @@ from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.export import CHECKPOINT_KEY, check_target, export_info, write_pretrained
 from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
+from lit_bigmodel.schedules import ModuleScheduleName
 
-Schedule = Literal["cosine", "linear", "constant"]
 _TASKS = ("causal_lm", "sequence_classification")
 _SCHEDULES = ("cosine", "linear", "constant")
 _TrainLoss = Callable[[dict[str, Any], dict[str, torch.Tensor]], torch.Tensor]  # (model inputs, batch) -> loss
@@ -115,7 +115,7 @@ class SFTModule(L.LightningModule):
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_steps: int | float = 0.05,
-        lr_schedule: Schedule = "cosine",
+        lr_schedule: ModuleScheduleName = "cosine",
         min_lr_ratio: float = 0.0,
         generate_eval: bool = True,
         max_new_tokens: int = 32,

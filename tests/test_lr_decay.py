@@ -54,7 +54,7 @@ def _data(n=64):
 
 
 def _closed_form(schedule, t, a0, *, W=0, T=None, min_lr=0.0, gamma=None, s=None, beta=None, p=1.0, S=None, shape=None):
-    """The textbook formulas, written independently of lit_bigmodel/callbacks/_schedules.py."""
+    """The textbook formulas, written independently of lit_bigmodel/schedules.py."""
     if t < W:
         return a0 * (t + 1) / W
     tau = t - W

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_bigmodel import ConfigurationError
 from lit_bigmodel.callbacks import LRDecay, PrecisionChoice, PrecisionMonitor, auto_precision
-from lit_bigmodel.callbacks._schedules import torch_optimizer, watch_real_steps
+from lit_bigmodel.callbacks._steps import torch_optimizer, watch_real_steps
 from lit_bigmodel.callbacks.precision import loss_scale
 from tests.conftest import tiny_trainer
 

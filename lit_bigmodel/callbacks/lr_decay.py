@@ -12,15 +12,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
-from lit_bigmodel.callbacks._schedules import (
-    DECAY_SHAPES,
-    NEEDS_TOTAL_STEPS,
-    SCHEDULES,
-    Schedule,
-    torch_optimizer,
-    watch_real_steps,
-)
+from lit_bigmodel.callbacks._steps import torch_optimizer, watch_real_steps
 from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.schedules import DECAY_SHAPES, NEEDS_TOTAL_STEPS, SCHEDULES, LRSchedule
 
 GroupScales = Sequence[float] | Mapping[int, Sequence[float]]
 
@@ -49,7 +43,7 @@ class LRDecay(Callback):
     schedules; each group's rate is finally multiplied by its ``group_scales`` factor.
 
     **What a step is.** The counter advances after ``optimizer.step()`` really updated parameters (a
-    per-optimizer step post-hook, see ``_schedules.py``): accumulation micro-batches do not count, so
+    per-optimizer step post-hook, see ``callbacks/_steps.py``): accumulation micro-batches do not count, so
     gradient accumulation does not shorten the warmup; a step that the fp16 ``GradScaler`` skipped
     (inf/NaN gradients) does not count; and manual optimization needs nothing special. Each optimizer has
     its own counter (a GAN's generator and discriminator each follow their schedule).
@@ -152,7 +146,7 @@ class LRDecay(Callback):
         self.cooldown_counter = 0
         self.reductions = 0
         # per fit
-        self._resolved: Schedule | None = None
+        self._resolved: LRSchedule | None = None
         self._handles: list[RemovableHandle] = []
         self._index_of: dict[int, int] = {}  # id(optimizer) → index
         self._optimizers: dict[int, Any] = {}
@@ -162,8 +156,8 @@ class LRDecay(Callback):
     def state_key(self) -> str:
         return self._generate_state_key(schedule=self.schedule, optimizers=self.optimizer_indices)
 
-    def build_schedule(self, total_steps: int | None = None) -> Schedule:
-        """The closed-form `Schedule` for a run of ``total_steps`` optimizer steps (default: ``self.total_steps``)."""
+    def build_schedule(self, total_steps: int | None = None) -> LRSchedule:
+        """The closed-form `LRSchedule` for a run of ``total_steps`` optimizer steps (default: ``self.total_steps``)."""
         total = total_steps if total_steps is not None else self.total_steps
         problems = []
         if self.schedule in NEEDS_TOTAL_STEPS:
@@ -187,7 +181,7 @@ class LRDecay(Callback):
         if problems:
             raise ConfigurationError(" ".join(problems))
         default_steps = 1 if self.schedule == "inverse_time" else 0
-        return Schedule(
+        return LRSchedule(
             name=self.schedule,
             warmup_steps=self.warmup_steps,
             total_steps=int(total) if total is not None and self.schedule in NEEDS_TOTAL_STEPS else None,

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
-from lit_bigmodel.callbacks._schedules import drop_grads, has_grads, torch_optimizer, watch_real_steps
+from lit_bigmodel.callbacks._steps import drop_grads, has_grads, torch_optimizer, watch_real_steps
 from lit_bigmodel.errors import ConfigurationError
 
 POLICIES = ("warn", "skip", "stop")

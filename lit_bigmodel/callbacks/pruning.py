@@ -41,7 +41,7 @@ from lit_bigmodel.errors import ConfigurationError
 
 __all__ = ["Pruning", "to_semi_structured"]
 
-Schedule = Literal["cubic", "one_shot"]
+PruningSchedule = Literal["cubic", "one_shot"]
 _SCHEDULES = ("cubic", "one_shot")
 _SCOPES = ("layer", "global")
 _DIMS = ("outputs", "inputs")
@@ -140,7 +140,7 @@ class Pruning(Callback):
         self,
         method: Method = "unstructured",
         final_sparsity: float | None = None,
-        schedule: Schedule = "cubic",
+        schedule: PruningSchedule = "cubic",
         initial_sparsity: float = 0.0,
         start_step: int | float = 0,
         end_step: int | float = 0.75,

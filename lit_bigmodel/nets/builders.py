@@ -44,7 +44,9 @@ def build_model(
     """
     if task not in _AUTO:
         raise ConfigurationError(f"`task` must be one of {tuple(_AUTO)}, got {task!r}.")
-    label_kwargs: dict[str, Any] = {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
+    label_kwargs: dict[str, Any] = (
+        {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
+    )
     if isinstance(source, PretrainedConfig):
         config = source.__class__.from_dict(source.to_dict())  # a copy: the caller's config stays unchanged
         if tokenizer is not None:

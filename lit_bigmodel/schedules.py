@@ -1,34 +1,22 @@
-"""Closed-form learning-rate schedules, and what counts as an optimizer step (shared by `LRDecay` and `PrecisionMonitor`).
+"""Closed-form learning-rate schedules: the one formula behind `SFTModule`'s built-in schedule and `LRDecay`.
 
-A *step* here is an optimizer step that really updated parameters: ``optimizer.step()`` ran and at least
-one parameter had a gradient. Three things that look like steps are not:
-
-- a micro-batch of gradient accumulation (the optimizer is not called);
-- a step that the fp16 ``GradScaler`` skipped because of inf/NaN gradients (``scaler.step`` does not
-  call ``optimizer.step()``; DeepSpeed's fp16 optimizers likewise do not call their inner optimizer);
-- a step whose gradients were dropped (``p.grad = None``), e.g. by ``PrecisionMonitor(policy="skip")``.
-
-`watch_real_steps` registers a per-instance step post-hook (``Optimizer.register_step_post_hook``) on
-the torch optimizer: nothing global is patched, and automatic and manual optimization are the same.
+``LRSchedule(...).lr(t, base_lr)`` is the learning rate of optimizer step ``t`` (0-based).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Literal
 
-import torch
-from torch.utils.hooks import RemovableHandle
-
+ModuleScheduleName = Literal["cosine", "linear", "constant"]  # the built-in schedules of `SFTModule`
 SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "linear", "wsd", "plateau")
 NEEDS_TOTAL_STEPS = ("cosine", "linear", "wsd")
 DECAY_SHAPES = ("linear", "cosine", "1-sqrt")
 
 
 @dataclass(frozen=True)
-class Schedule:
+class LRSchedule:
     """One schedule with its settings resolved; ``lr(t, base_lr)`` is the learning rate of step ``t`` (0-based).
 
     With ``W = warmup_steps``: steps ``t < W`` use ``base_lr · (t + 1) / W``; after the warmup the decay
@@ -83,44 +71,3 @@ def _shape(shape: str, progress: float) -> float:
     if shape == "1-sqrt":
         return 1.0 - math.sqrt(progress)
     return 1.0 - progress
-
-
-# ---------------------------------------------------------------------------- what counts as a step
-def torch_optimizer(optimizer: Any) -> torch.optim.Optimizer | None:
-    """The `torch.optim.Optimizer` that does the update: unwraps `LightningOptimizer` and DeepSpeed's optimizers."""
-    for _ in range(4):  # LightningOptimizer → DeepSpeed wrapper → torch optimizer, at most
-        if isinstance(optimizer, torch.optim.Optimizer):
-            return optimizer
-        optimizer = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if optimizer is None:
-            return None
-    return None
-
-
-def has_grads(optimizer: Any) -> bool:
-    """Whether any parameter of ``optimizer`` has a gradient (a Python check, no device sync)."""
-    return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
-
-
-def drop_grads(optimizer: Any) -> None:
-    """Set every gradient of ``optimizer`` to None: its next ``step()`` then changes nothing, momentum included."""
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            p.grad = None
-
-
-def watch_real_steps(optimizer: Any, on_step: Callable[[], None]) -> RemovableHandle:
-    """Call ``on_step()`` after every step of ``optimizer`` that really updated parameters (see the module docstring).
-
-    Raises:
-        TypeError: ``optimizer`` is not, and does not wrap, a `torch.optim.Optimizer`.
-    """
-    inner = torch_optimizer(optimizer)
-    if inner is None:
-        raise TypeError(f"cannot watch the steps of {type(optimizer).__name__}: it does not wrap a torch optimizer.")
-
-    def hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if has_grads(opt):
-            on_step()
-
-    return inner.register_step_post_hook(hook)
