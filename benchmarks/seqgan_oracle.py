@@ -14,8 +14,8 @@ once and `SeqGANModule` cuts its updates of 64 rows from them (``g_batch_size``,
 so one training step is one epoch; on a GPU each D update is a replayed CUDA graph
 (``cuda_graphs``; ``benchmarks/seqgan_dstep.py`` measures one update each way).
 
-    python benchmarks/seqgan_oracle.py --oracle ../shared/data/seqgan_oracle_lstm.npz           # the paper run (GPU)
-    python benchmarks/seqgan_oracle.py --preset cpu --oracle ../shared/data/seqgan_oracle_lstm.npz   # what fits a CPU
+    python benchmarks/seqgan_oracle.py --oracle PATH/seqgan_oracle_lstm.npz           # the paper run (GPU)
+    python benchmarks/seqgan_oracle.py --preset cpu --oracle PATH/seqgan_oracle_lstm.npz   # what fits a CPU
 
 Published (Table 1, NLL-oracle): MLE 9.038, SeqGAN 8.736.
 """
@@ -46,7 +46,9 @@ PRESETS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--oracle", default=os.path.join("..", "shared", "data", "seqgan_oracle_lstm.npz"))
+    parser.add_argument(
+        "--oracle", default=None, help="the paper's oracle (default: $LIT_BIGMODEL_SEQGAN_ORACLE, else the user cache)"
+    )
     parser.add_argument("--preset", choices=tuple(PRESETS), default="paper")
     parser.add_argument(
         "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "seqgan_oracle")

@@ -14,15 +14,16 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lit_bigmodel import ConfigurationError, SeqGANModule, policy_gradient_loss
 from lit_bigmodel.datamodules import OracleDataModule
+from lit_bigmodel.datamodules.oracle import ORACLE_ENV, default_oracle_path
 from lit_bigmodel.errors import DataError
 from lit_bigmodel.metrics import NLLOracle
 from lit_bigmodel.nets import CNNDiscriminator, HFCausalLMGenerator, LSTMGenerator
 from lit_bigmodel.rollout import monte_carlo_rewards, monte_carlo_rewards_reference, update_rollout_policy
 from tests.conftest import tiny_trainer
 
-ORACLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "seqgan_oracle_lstm.npz"
+ORACLE = Path(default_oracle_path())  # CI sets LIT_BIGMODEL_SEQGAN_ORACLE
 needs_oracle = pytest.mark.skipif(
-    not ORACLE.is_file(), reason="shared/data/seqgan_oracle_lstm.npz is not beside the checkout"
+    not ORACLE.is_file(), reason=f"the paper's oracle is not at {ORACLE} (set LIT_BIGMODEL_SEQGAN_ORACLE)"
 )
 
 
@@ -282,6 +283,28 @@ def test_missing_oracle_file_is_a_clear_error(tmp_path):
 
     with pytest.raises(MissingPathError, match="oracle='random'"):
         OracleDataModule(str(tmp_path / "nope.npz"))
+
+
+def test_oracle_location_comes_from_the_environment_then_the_user_cache(tmp_path, monkeypatch):
+    from lit_bigmodel import MissingPathError
+
+    monkeypatch.delenv(ORACLE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    cached = tmp_path / "cache" / "lit_bigmodel" / "seqgan_oracle_lstm.npz"
+    assert default_oracle_path() == str(cached)
+    with pytest.raises(MissingPathError, match=r"LantaoYu/SeqGAN.*LIT_BIGMODEL_SEQGAN_ORACLE"):
+        OracleDataModule()  # nothing there yet: the error says where the paper's file comes from
+    vocab, width = 11, 4  # a small oracle in the released file's layout
+    shapes = {"embedding": (vocab, width), "W_out": (width, vocab), "b_out": (vocab,)}
+    for gate in "ifoc":
+        shapes |= {f"W_{gate}": (width, width), f"U_{gate}": (width, width), f"b_{gate}": (width,)}
+    cached.parent.mkdir(parents=True)
+    np.savez(cached, **{name: np.full(shape, 0.1, dtype=np.float32) for name, shape in shapes.items()})
+    assert OracleDataModule(num_sequences=4, seq_len=6).oracle_source == str(cached)
+    elsewhere = tmp_path / "elsewhere.npz"
+    cached.rename(elsewhere)
+    monkeypatch.setenv(ORACLE_ENV, str(elsewhere))
+    assert OracleDataModule(num_sequences=4, seq_len=6).oracle_source == str(elsewhere)
 
 
 @pytest.mark.multiprocess

@@ -14,16 +14,53 @@ from lit_bigmodel.datamodules._sampling import build_loader
 from lit_bigmodel.errors import ConfigurationError, MissingPathError
 from lit_bigmodel.nets.lstm import LSTMGenerator
 
-DEFAULT_ORACLE = os.path.join("..", "shared", "data", "seqgan_oracle_lstm.npz")
+ORACLE_ENV = "LIT_BIGMODEL_SEQGAN_ORACLE"
+ORACLE_FILE = "seqgan_oracle_lstm.npz"
+
+
+def default_oracle_path() -> str:
+    """Where the oracle's parameters are looked for when no path is given.
+
+    ``$LIT_BIGMODEL_SEQGAN_ORACLE`` if set, else ``seqgan_oracle_lstm.npz`` in the user cache folder
+    (``$XDG_CACHE_HOME/lit_bigmodel``, default ``~/.cache/lit_bigmodel``).
+    """
+    if os.environ.get(ORACLE_ENV):
+        return os.environ[ORACLE_ENV]
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "lit_bigmodel", ORACLE_FILE)
+
+
+def resolve_oracle(oracle: str | os.PathLike[str] | None) -> str:
+    """The oracle source to load: ``"random"``, the path given, or `default_oracle_path` for None.
+
+    Raises:
+        MissingPathError: the file does not exist; the message says where the paper's file comes from.
+    """
+    if oracle == "random":
+        return "random"
+    path = os.fspath(oracle) if oracle is not None else default_oracle_path()
+    if not os.path.isfile(path):
+        given = (
+            f"oracle parameters {path!r} do not exist"
+            if oracle is not None
+            else f"no `oracle` given and {path!r} does not exist"
+        )
+        raise MissingPathError(
+            f"{given}. The paper's oracle is `save/target_params_py3.pkl` of the SeqGAN authors' released code "
+            f"(LantaoYu/SeqGAN), or its NumPy conversion {ORACLE_FILE}: pass its path as `oracle`, set "
+            f"{ORACLE_ENV}, or copy it to {default_oracle_path()!r}; oracle='random' uses a random oracle."
+        )
+    return path
 
 
 class OracleDataModule(L.LightningDataModule):
     """The oracle's ``num_sequences`` samples (paper: 10,000 of length 20) as the real data.
 
     Args:
-        oracle: path of the released parameters (``.npz`` or the original ``target_params_py3.pkl``),
-            default ``../shared/data/seqgan_oracle_lstm.npz``; or ``"random"`` for a randomly
-            initialised oracle (tests), seeded by ``oracle_seed``.
+        oracle: path of the released parameters (``.npz`` or the original ``target_params_py3.pkl``);
+            None: ``$LIT_BIGMODEL_SEQGAN_ORACLE``, else ``~/.cache/lit_bigmodel/seqgan_oracle_lstm.npz``
+            (`default_oracle_path`); or ``"random"`` for a randomly initialised oracle (tests), seeded
+            by ``oracle_seed``.
         seed: seeds the sampling of the data and the shuffling.
 
     Example::
@@ -33,7 +70,7 @@ class OracleDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        oracle: str = DEFAULT_ORACLE,
+        oracle: str | None = None,
         num_sequences: int = 10_000,
         seq_len: int = 20,
         batch_size: int = 64,
@@ -46,11 +83,7 @@ class OracleDataModule(L.LightningDataModule):
             raise ConfigurationError(
                 f"`num_sequences`, `seq_len` and `batch_size` must be >= 1, got {num_sequences}, {seq_len}, {batch_size}."
             )
-        if oracle != "random" and not os.path.isfile(oracle):
-            raise MissingPathError(
-                f"oracle parameters {oracle!r} do not exist; give the path of seqgan_oracle_lstm.npz "
-                "(or SeqGAN's target_params_py3.pkl), or oracle='random'."
-            )
+        oracle = resolve_oracle(oracle)
         self.oracle_source = oracle
         self.num_sequences, self.seq_len, self.batch_size = num_sequences, seq_len, batch_size
         self.seed, self.oracle_seed, self.num_workers = seed, oracle_seed, num_workers
