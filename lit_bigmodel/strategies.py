@@ -27,12 +27,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.strategies.fsdp import _setup_activation_checkpointing
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device
 from torch import nn
 
+from lit_bigmodel._internals import move_torchmetrics_to_device, setup_activation_checkpointing
 from lit_bigmodel.errors import ConfigurationError
 
 Sharding = Literal["full", "grad_op", "hybrid", "none"]
@@ -82,6 +81,9 @@ def no_split_module_names(root: nn.Module) -> set[str]:
 class CPUFSDPStrategy(FSDPStrategy):
     """`FSDPStrategy` on CPU processes (gloo): for debugging sharded code without GPUs, and for tests.
 
+    Lightning has no public hook for this: the private methods it overrides are listed (and checked
+    against the installed Lightning by the tests) in ``lit_bigmodel/_internals.py``.
+
     Example::
 
         Trainer(accelerator="cpu", devices=2, strategy=CPUFSDPStrategy(auto_wrap_policy=TransformerBlockPolicy()))
@@ -102,8 +104,8 @@ class CPUFSDPStrategy(FSDPStrategy):
             device_id=torch.device("cpu"),  # Lightning passes the CUDA index, None here
             **self.kwargs,
         )
-        _move_torchmetrics_to_device(wrapped, self.root_device)
-        _setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
+        move_torchmetrics_to_device(wrapped, self.root_device)
+        setup_activation_checkpointing(wrapped, self._activation_checkpointing_kwargs)
         return wrapped
 
 
@@ -111,6 +113,7 @@ class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """`DeepSpeedStrategy` on CPU processes (gloo): ZeRO 1/2/3 without GPUs, for debugging and tests.
 
     DeepSpeed JIT-compiles a small communication op the first time it runs on a machine (about 45 s).
+    The private Lightning methods it overrides are listed and checked in ``lit_bigmodel/_internals.py``.
 
     Example::
 
