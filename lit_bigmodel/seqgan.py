@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch import nn
 
-from lit_bigmodel._rng import restore_rng_states, rng_states
+from lit_bigmodel._rng import PendingRandomState
 from lit_bigmodel._sharding import is_fsdp, zero_stage
 from lit_bigmodel.cuda_graphs import GraphedUpdate
 from lit_bigmodel.errors import ConfigurationError
@@ -160,7 +160,7 @@ class SeqGANModule(L.LightningModule):
         }
         self.negatives: torch.Tensor | None = None
         self.history: list[dict[str, Any]] = []
-        self._pending_rng_states: dict[str, Any] | None = None
+        self._random_state = PendingRandomState()
         self._d_update: GraphedUpdate | None = None
 
     @property
@@ -439,19 +439,17 @@ class SeqGANModule(L.LightningModule):
             "negatives": self.negatives,
             "history": list(self.history),
         }
-        checkpoint["lit_bigmodel_rng_states"] = rng_states()
+        self._random_state.save(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("seqgan", {})
         self.schedule = dict(state.get("schedule", self.schedule))
         self.negatives = state.get("negatives")
         self.history = list(state.get("history", []))
-        self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
+        self._random_state.load(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        if self._pending_rng_states is not None:
-            restore_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
+        self._random_state.restore()
 
 
 def _build(source: NetworkSource) -> nn.Module:
