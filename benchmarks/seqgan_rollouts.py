@@ -17,9 +17,10 @@ import platform
 import time
 
 import torch
+from rollout_reference import monte_carlo_rewards_reference  # beside this script
 
 from lit_bigmodel.nets import CNNDiscriminator, LSTMGenerator
-from lit_bigmodel.rollout import monte_carlo_rewards, monte_carlo_rewards_reference
+from lit_bigmodel.rollout import monte_carlo_rewards
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -12,13 +12,14 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from benchmarks.rollout_reference import monte_carlo_rewards_reference
 from lit_bigmodel import ConfigurationError, SeqGANModule, policy_gradient_loss
 from lit_bigmodel.datamodules import OracleDataModule
 from lit_bigmodel.datamodules.oracle import ORACLE_ENV, default_oracle_path
 from lit_bigmodel.errors import DataError
 from lit_bigmodel.metrics import NLLOracle
 from lit_bigmodel.nets import CNNDiscriminator, HFCausalLMGenerator, LSTMGenerator
-from lit_bigmodel.rollout import monte_carlo_rewards, monte_carlo_rewards_reference, update_rollout_policy
+from lit_bigmodel.rollout import monte_carlo_rewards, update_rollout_policy
 from tests.conftest import tiny_trainer
 
 ORACLE = Path(default_oracle_path())  # CI sets LIT_BIGMODEL_SEQGAN_ORACLE
