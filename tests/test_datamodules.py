@@ -279,3 +279,119 @@ def test_a_new_epoch_leaves_the_global_random_state_alone():
     assert torch.equal(torch.get_rng_state(), before)
     # the order is the seed's (and the epoch's), not the global state's
     assert [batch["tokens"].tolist() for batch in loader] == first
+
+
+# ----------------------------------------------------------------- bad files: one clear error naming the file
+def test_non_utf8_byte_names_the_file_and_line(tmp_path, char_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "1+1=", "completion": "2"}\n{"prompt": "1+2=", "completion": "3\xff"}\n')
+    dm = InstructionDataModule(char_tokenizer, train_file=str(path))
+    with pytest.raises(DataError, match=r"d\.jsonl line 2: not UTF-8 text \(byte 0xff at column 36\)"):
+        dm.setup("fit")
+
+
+def test_non_utf8_byte_in_a_csv_names_the_line(tmp_path, char_tokenizer):
+    (tmp_path / "c.csv").write_bytes(b"text,label\na b,0\nc \xe9 d,1\n")
+    dm = TextClassificationDataModule(char_tokenizer, train_file=str(tmp_path / "c.csv"), num_labels=2)
+    with pytest.raises(DataError, match=r"c\.csv line 3: not UTF-8 text"):
+        dm.setup("fit")
+
+
+def test_csv_field_longer_than_the_csv_module_limit_is_read(tmp_path, char_tokenizer):
+    long_text = "ab " * 60_000  # 180,000 characters: over csv's default field_size_limit of 131,072
+    (tmp_path / "c.csv").write_text(f'text,label\n"{long_text}",1\nc d,0\ne f,1\n')
+    dm = TextClassificationDataModule(
+        char_tokenizer, train_file=str(tmp_path / "c.csv"), num_labels=2, max_length=16, val_fraction=0
+    )
+    dm.setup("fit")
+    assert [ex["label"] for ex in dm.datasets["train"]] == [1, 0, 1]
+    assert len(dm.datasets["train"][0]["input_ids"]) == 16
+
+
+def test_csv_row_with_more_fields_than_the_header_names_the_line(tmp_path, char_tokenizer):
+    (tmp_path / "c.csv").write_text("text,label\na b,0\nc, d,1\n")
+    dm = TextClassificationDataModule(char_tokenizer, train_file=str(tmp_path / "c.csv"), num_labels=2)
+    with pytest.raises(DataError, match=r"c\.csv line 3: 3 fields, but the header names 2"):
+        dm.setup("fit")
+
+
+def test_a_directory_as_data_file_says_a_file_is_needed(tmp_path, char_tokenizer):
+    (tmp_path / "data").mkdir()
+    dm = InstructionDataModule(char_tokenizer, train_file=str(tmp_path / "data"))
+    with pytest.raises(
+        MissingPathError, match=r"`train_file` .*data' is a directory: a data file \(\.jsonl, \.json, \.csv, \.tsv\)"
+    ):
+        dm.setup("fit")
+
+
+# ----------------------------------------------------------------- every input checked before anything is written
+def test_bad_val_file_writes_no_cache_file(tmp_path, char_tokenizer):
+    train = str(write_jsonl(tmp_path / "train.jsonl", addition_rows(10)))
+    val = str(write_jsonl(tmp_path / "val.jsonl", [*addition_rows(2), {"prompt": "1+1="}]))
+    dm = InstructionDataModule(char_tokenizer, train_file=train, val_file=val, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"val\.jsonl line 3: missing key"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_bad_test_file_is_found_by_fit_before_any_cache_file(tmp_path, char_tokenizer):
+    train = str(write_jsonl(tmp_path / "train.jsonl", addition_rows(10)))
+    test = str(write_jsonl(tmp_path / "test.jsonl", [*addition_rows(2), "{oops"]))
+    dm = InstructionDataModule(char_tokenizer, train_file=train, test_file=test, cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"test\.jsonl line 3: not valid JSON"):
+        dm.setup("fit")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_validate_inputs_checks_everything_and_writes_nothing(tmp_path, char_tokenizer, monkeypatch):
+    train = str(write_jsonl(tmp_path / "train.jsonl", addition_rows(10)))
+    test = str(write_jsonl(tmp_path / "test.jsonl", addition_rows(3)))
+    dm = InstructionDataModule(char_tokenizer, train_file=train, test_file=test, cache_dir=str(tmp_path / "cache"))
+    dm.validate_inputs()
+    assert not (tmp_path / "cache").exists()
+
+    def fail(*args, **kwargs):
+        raise AssertionError("tokenized again")
+
+    monkeypatch.setattr(dm, "encode", fail)  # setup reuses what validate_inputs read and tokenized
+    dm.setup("fit")
+    assert len(os.listdir(tmp_path / "cache")) == 2  # train and test
+    assert len(dm.datasets["train"]) + len(dm.datasets["val"]) == 10 and len(dm.datasets["test"]) == 3
+
+    too_long = str(write_jsonl(tmp_path / "long.jsonl", [{"prompt": "1+1=", "completion": "2" * 40}] * 3))
+    bad = InstructionDataModule(char_tokenizer, train_file=train, val_file=too_long, max_length=16,
+                                cache_dir=str(tmp_path / "cache2"))  # fmt: skip
+    with pytest.raises(DataError, match=r"long\.jsonl line 1: the example has 45 tokens"):
+        bad.validate_inputs()
+    with pytest.raises(MissingPathError, match=r"nope\.jsonl"):
+        InstructionDataModule(char_tokenizer, train_file=str(tmp_path / "nope.jsonl")).validate_inputs()
+    assert not (tmp_path / "cache2").exists()
+
+
+def test_validate_inputs_of_the_text_datamodules(tmp_path):
+    from lit_bigmodel.datamodules import TextLinesDataModule
+
+    (tmp_path / "book.txt").write_text("\n".join(f"the king and the queen {i} went to sea ." for i in range(40)))
+    PlainTextDataModule(
+        [str(tmp_path / "book.txt")], block_size=16, cache_dir=str(tmp_path / "cache")
+    ).validate_inputs()
+    assert not (tmp_path / "cache").exists()
+    with pytest.raises(DataError, match="fewer than `num_held_out`"):
+        TextLinesDataModule([str(tmp_path / "book.txt")], num_held_out=100).validate_inputs()
+    (tmp_path / "dir.txt").mkdir()
+    with pytest.raises(MissingPathError, match="is a directory"):
+        PlainTextDataModule([str(tmp_path / "dir.txt")])
+
+
+def test_teacher_cache_validate_inputs_checks_the_wrapped_data_first(tmp_path, char_tokenizer):
+    from lit_bigmodel.datamodules import TeacherLogitsDataModule
+
+    train = str(write_jsonl(tmp_path / "train.jsonl", addition_rows(10)))
+    val = str(write_jsonl(tmp_path / "val.jsonl", ["{oops"]))
+    dm = InstructionDataModule(char_tokenizer, train_file=train, val_file=val, cache_dir=str(tmp_path / "cache"))
+    cached = TeacherLogitsDataModule(dm, cache_path=str(tmp_path / "out" / "top4.pt"), teacher="teacher_dir", top_k=4)
+    with pytest.raises(DataError, match=r"val\.jsonl line 1: not valid JSON"):
+        cached.validate_inputs()
+    with pytest.raises(DataError, match=r"val\.jsonl line 1"):
+        cached.setup("fit")  # the teacher is never loaded: the data error comes first
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "out").exists()

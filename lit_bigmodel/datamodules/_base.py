@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal, NamedTuple
 
 import lightning as L
 import torch
@@ -14,15 +14,35 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
-from lit_bigmodel.datamodules._records import Record, read_records
+from lit_bigmodel.datamodules._records import (
+    Record,
+    check_columns,
+    check_dataset_argument,
+    dataset_records,
+    is_hf_dataset,
+    load_dataset_argument,
+    read_records,
+    select_splits,
+)
 from lit_bigmodel.datamodules._sampling import build_loader
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError, DataError
+from lit_bigmodel.losses import IGNORE_INDEX
 
 Split = Literal["train", "val", "test"]
+SPLITS: tuple[Split, ...] = ("train", "val", "test")
 Overflow = Literal["error", "truncate", "drop"]
 _OVERFLOW = ("error", "truncate", "drop")
 _CACHE_VERSION = 1
+
+DataSource = str | os.PathLike[str] | Any
+"""A ``*_file`` value: a path (``str`` / ``os.PathLike``) or a ``datasets.Dataset`` (typed ``Any``: ``datasets`` is optional)."""
+
+
+class _Tokenized(NamedTuple):
+    examples: list[dict[str, Any]]
+    cache_path: str | None
+    from_cache: bool
 
 
 class TokenizedDataModule(L.LightningDataModule):
@@ -30,15 +50,27 @@ class TokenizedDataModule(L.LightningDataModule):
 
     Subclasses implement ``encode(record, where)`` (one record → a dict of token lists, or raise a
     `DataError` naming ``where``) and may override ``load_records(split)`` to generate data instead
-    of reading ``{split}_file``.
+    of reading ``{split}_file`` / ``dataset``, ``required_columns`` to check a dataset's columns
+    up front, and ``assemble_splits`` to shape the tokenized splits.
+
+    Records come from files (``train_file``, ``val_file``, ``test_file``: JSONL or CSV paths, or
+    ``datasets.Dataset`` objects) or from ``dataset`` (a ``DatasetDict``, a ``Dataset``, a dict of
+    ``datasets.load_dataset`` arguments or a folder saved with ``save_to_disk``), whose splits
+    ``dataset_splits`` names. `validate_inputs` reads, parses and tokenizes every split and writes
+    nothing; `setup` does the same (once), then writes the tokenized cache files of ``cache_dir``.
+
+    Example::
+
+        dm = InstructionDataModule("gpt2", train_file="train.jsonl", cache_dir="cache")
+        dm.validate_inputs()   # every error setup would raise, nothing written
     """
 
     def __init__(
         self,
         tokenizer: str | PreTrainedTokenizerBase,
-        train_file: str | None = None,
-        val_file: str | None = None,
-        test_file: str | None = None,
+        train_file: DataSource = None,
+        val_file: DataSource = None,
+        test_file: DataSource = None,
         val_fraction: float = 0.1,
         max_length: int | None = None,
         overflow: Overflow = "error",
@@ -47,9 +79,31 @@ class TokenizedDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        dataset: Any = None,
+        dataset_splits: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__()
         problems = []
+        files: dict[Split, DataSource] = {"train": train_file, "val": val_file, "test": test_file}
+        for split, source in files.items():
+            if source is not None and not isinstance(source, (str, os.PathLike)) and not is_hf_dataset(source):
+                problems.append(
+                    f"`{split}_file` must be a file path or a `datasets.Dataset`, got {type(source).__name__}."
+                )
+        dataset_problem = check_dataset_argument(dataset)
+        if dataset_problem:
+            problems.append(dataset_problem)
+        given_files = [f"`{split}_file`" for split, source in files.items() if source is not None]
+        if dataset is not None and given_files:
+            problems.append(f"give `dataset` or {' / '.join(given_files)}, not both.")
+        if dataset_splits is not None:
+            if dataset is None:
+                problems.append("`dataset_splits` names the splits of `dataset`, but `dataset` is None.")
+            unknown = sorted(set(dataset_splits) - set(SPLITS))
+            if unknown or not all(isinstance(name, str) for name in dataset_splits.values()):
+                problems.append(
+                    f"`dataset_splits` maps 'train' / 'val' / 'test' to split names, got {dict(dataset_splits)!r}."
+                )
         if not 0.0 <= val_fraction < 1.0:
             problems.append(f"`val_fraction` must be in [0, 1), got {val_fraction!r}.")
         if max_length is not None and max_length < 1:
@@ -65,7 +119,9 @@ class TokenizedDataModule(L.LightningDataModule):
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.tokenizer = load_tokenizer(tokenizer)
-        self.files: dict[str, str | None] = {"train": train_file, "val": val_file, "test": test_file}
+        self.files = files
+        self.dataset = dataset
+        self.dataset_splits = dict(dataset_splits) if dataset_splits is not None else None
         self.val_fraction = val_fraction
         tokenizer_max = self.tokenizer.model_max_length
         self.max_length = (
@@ -78,14 +134,32 @@ class TokenizedDataModule(L.LightningDataModule):
         self.seed = seed
         self.cache_dir = cache_dir
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self._dataset_sources: dict[str, tuple[str, Any]] | None = None
+        self._unwritten: list[_Tokenized] = []
 
     # ----------------------------------------------------------------- hooks for subclasses
     def load_records(self, split: Split) -> list[tuple[str, Record]] | None:
-        """Records of ``split`` as ``(where, record)`` pairs, or None if the split has no source."""
-        path = self.files[split]
-        if path is None:
+        """Records of ``split`` as ``(where, record)`` pairs, or None if the split has no source.
+
+        ``where`` names the file and line (``train.jsonl line 3``) or the dataset split and row
+        (``dataset split 'validation' row 7``), for the errors of `encode`.
+        """
+        source = self._source(split)
+        if source is None:
             return None
-        return [(f"{path} line {line}", record) for line, record in read_records(path)]
+        if isinstance(source, tuple):
+            name, dataset = source
+            check_columns(dataset, self.required_columns(), name, self.columns_hint())
+            return dataset_records(dataset, name)
+        return [(f"{source} line {line}", record) for line, record in read_records(source, f"`{split}_file`")]
+
+    def required_columns(self) -> Sequence[tuple[str, ...]]:
+        """Column sets a dataset split may have (it needs every column of one of them); none are checked by default."""
+        return ()
+
+    def columns_hint(self) -> str:
+        """The sentence that ends a missing-column error: what a row needs."""
+        return "see the datamodule's documentation for the columns it reads."
 
     def encode(self, record: Record, where: str) -> dict[str, Any]:
         """Turn one record into token lists; raise `DataError` mentioning ``where`` on bad input."""
@@ -98,29 +172,67 @@ class TokenizedDataModule(L.LightningDataModule):
         """Last transformation of a tokenized split (packing, for instance); identity by default."""
         return examples
 
-    # ----------------------------------------------------------------- Lightning hooks
+    def assemble_splits(self, tokenized: dict[Split, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        """The served splits from the tokenized ones (only the splits with a source are keys).
+
+        Without a validation source, ``val_fraction`` of the training examples is held out with
+        ``seed``; the training split then goes through `prepare_split`.
+        """
+        train = tokenized.get("train")
+        if train is None:
+            raise ConfigurationError(
+                "`train_file` or `dataset` is required: the training split has no source, got None."
+            )
+        val = tokenized.get("val")
+        if val is None and self.val_fraction > 0:
+            order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
+            n_val = max(1, round(len(train) * self.val_fraction))
+            if n_val >= len(train):
+                raise DataError(
+                    f"the training split has {len(train)} example(s): too few to hold out a validation split."
+                )
+            val = [train[i] for i in sorted(order[:n_val])]
+            train = [train[i] for i in sorted(order[n_val:])]
+        splits = {"train": self.prepare_split("train", train)}
+        if val is not None:
+            splits["val"] = val
+        if "test" in tokenized:
+            splits["test"] = tokenized["test"]
+        return splits
+
+    # ----------------------------------------------------------------- checks and Lightning hooks
+    def validate_inputs(self) -> None:
+        """Read, parse and tokenize every configured split (train, val and test) and write nothing.
+
+        Raises the errors `setup` would (a missing or unreadable file, a bad line or row, a missing
+        column, an example longer than ``max_length``, a split too small to hold out validation)
+        without creating ``cache_dir`` or any file; call it before anything else writes (loggers,
+        checkpoints) so that a data error leaves no trace. A cache file that already exists is
+        read instead of tokenizing. The result is kept: `setup` then only writes the cache files.
+        A ``datasets.load_dataset`` spec is loaded by ``datasets``, which keeps its own cache.
+
+        Example::
+
+            dm = InstructionDataModule("gpt2", train_file="train.jsonl", val_file="val.jsonl", cache_dir="cache")
+            dm.validate_inputs()   # DataError("val.jsonl line 12: ...") before anything is written
+        """
+        if self.datasets:
+            return
+        tokenized = {split: result for split in SPLITS if (result := self._tokenize_split(split)) is not None}
+        datasets = self.assemble_splits({split: result.examples for split, result in tokenized.items()})
+        self._unwritten = [result for result in tokenized.values() if result.cache_path and not result.from_cache]
+        self.datasets = datasets
+
     def setup(self, stage: str | None = None) -> None:
-        if "train" not in self.datasets:
-            train = self._tokenized("train")
-            if train is None:
-                raise ConfigurationError("`train_file` is required: the training split has no source.")
-            val = self._tokenized("val")
-            if val is None and self.val_fraction > 0:
-                order = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed)).tolist()
-                n_val = max(1, round(len(train) * self.val_fraction))
-                if n_val >= len(train):
-                    raise DataError(
-                        f"the training split has {len(train)} example(s): too few to hold out a validation split."
-                    )
-                val = [train[i] for i in sorted(order[:n_val])]
-                train = [train[i] for i in sorted(order[n_val:])]
-            self.datasets["train"] = self.prepare_split("train", train)
-            if val is not None:
-                self.datasets["val"] = val
-        if stage in ("test", None) and "test" not in self.datasets:
-            test = self._tokenized("test")
-            if test is not None:
-                self.datasets["test"] = test
+        """Check and tokenize every split (`validate_inputs`), then write the cache files of ``cache_dir``."""
+        self.validate_inputs()
+        for result in self._unwritten:
+            assert result.cache_path is not None
+            os.makedirs(os.path.dirname(result.cache_path), exist_ok=True)
+            tmp = f"{result.cache_path}.tmp{os.getpid()}"
+            torch.save(result.examples, tmp)
+            os.replace(tmp, result.cache_path)  # atomic: a cache file is whole or absent
+        self._unwritten = []
 
     def train_dataloader(self) -> DataLoader[Any]:
         return self._loader("train", self.batch_size, shuffle=True)
@@ -137,7 +249,8 @@ class TokenizedDataModule(L.LightningDataModule):
             self.setup("test" if split == "test" else "fit")
         if split not in self.datasets:
             raise ConfigurationError(
-                f"no {split} data: set `{split}_file`" + (" or `val_fraction` > 0." if split == "val" else ".")
+                f"no {split} data: set `{split}_file` or give `dataset` a {split} split"
+                + (", or `val_fraction` > 0." if split == "val" else ".")
             )
         return build_loader(
             self.datasets[split],  # type: ignore[arg-type]
@@ -149,13 +262,24 @@ class TokenizedDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
         )
 
-    def _tokenized(self, split: Split) -> list[dict[str, Any]] | None:
+    def _source(self, split: Split) -> str | tuple[str, Any] | None:
+        """A file path, a ``(split name, Dataset)`` pair, or None."""
+        if self.dataset is not None:
+            if self._dataset_sources is None:
+                self._dataset_sources = select_splits(load_dataset_argument(self.dataset), self.dataset_splits)
+            return self._dataset_sources.get(split)
+        source = self.files[split]
+        if source is None or isinstance(source, (str, os.PathLike)):
+            return os.fspath(source) if source is not None else None
+        return (str(source.split) if source.split is not None else split), source
+
+    def _tokenize_split(self, split: Split) -> _Tokenized | None:
         records = self.load_records(split)
         if records is None:
             return None
         cache_path = self._cache_path(split, records)
         if cache_path is not None and os.path.isfile(cache_path):
-            return torch.load(cache_path, weights_only=True)
+            return _Tokenized(torch.load(cache_path, weights_only=True), cache_path, from_cache=True)
         examples, dropped = [], 0
         for where, record in records:
             example = self._fit_length(self.encode(record, where), where)
@@ -167,12 +291,7 @@ class TokenizedDataModule(L.LightningDataModule):
             rank_zero_warn(f"{split} split: dropped {dropped} example(s) longer than max_length={self.max_length}.")
         if not examples:
             raise DataError(f"the {split} split holds no usable examples (empty dataset).")
-        if cache_path is not None:
-            os.makedirs(os.path.dirname(cache_path), exist_ok=True)
-            tmp = f"{cache_path}.tmp{os.getpid()}"
-            torch.save(examples, tmp)
-            os.replace(tmp, cache_path)  # atomic: a cache file is whole or absent
-        return examples
+        return _Tokenized(examples, cache_path, from_cache=False)
 
     def _fit_length(self, example: dict[str, Any], where: str) -> dict[str, Any] | None:
         length = len(example["input_ids"])
@@ -186,7 +305,7 @@ class TokenizedDataModule(L.LightningDataModule):
         if self.overflow == "drop":
             return None
         cut = {key: value[: self.max_length] if isinstance(value, list) else value for key, value in example.items()}
-        if "labels" in cut and all(label == -100 for label in cut["labels"]):
+        if "labels" in cut and all(label == IGNORE_INDEX for label in cut["labels"]):
             return None  # the prompt alone fills max_length: nothing left to learn from
         if "prompt_length" in cut:
             cut["prompt_length"] = min(cut["prompt_length"], self.max_length)

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from lit_bigmodel.datamodules.packing import IGNORE_INDEX
+from lit_bigmodel.losses import IGNORE_INDEX
 
 
 def pad(rows: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from lit_bigmodel.datamodules._base import Overflow, Split, TokenizedDataModule
+from lit_bigmodel.datamodules._base import DataSource, Overflow, Split, TokenizedDataModule
 from lit_bigmodel.datamodules._collate import ClassificationCollator
 from lit_bigmodel.datamodules._records import Record, require_keys
 from lit_bigmodel.errors import ConfigurationError, DataError
 
 
 class TextClassificationDataModule(TokenizedDataModule):
-    """Text classification data (``text``, ``label``) from ``.csv``/``.tsv`` or ``.jsonl`` files.
+    """Text classification data (``text``, ``label``) from ``.csv``/``.tsv`` or ``.jsonl`` files, or a Hugging Face dataset.
 
     Labels are integers in ``[0, num_labels)``, or strings listed in ``label_names`` (mapped to
     their index). Without ``num_labels`` and ``label_names``, ``num_labels`` is inferred as the
@@ -22,23 +22,40 @@ class TextClassificationDataModule(TokenizedDataModule):
     ``max_length`` tokens).
 
     Args:
+        train_file, val_file, test_file: CSV / TSV / JSONL files, or ``datasets.Dataset`` objects
+            (in Python); without a validation source, ``val_fraction`` of the training split is
+            held out with ``seed``.
+        dataset: instead of files, a Hugging Face dataset: a ``DatasetDict`` (or ``Dataset``, the
+            training split), a dict of ``datasets.load_dataset`` arguments such as
+            ``{"path": "csv", "data_files": {"train": "train.csv", "test": "test.csv"}}``, or the
+            path of a folder saved with ``save_to_disk``. Needs ``pip install datasets``.
+        dataset_splits: which of the dataset's splits are ``train`` / ``val`` / ``test``; by
+            default ``train``, the first of ``validation``/``valid``/``val``/``dev``, and ``test``,
+            each used when present.
         text_field, label_field: column / key names.
         num_labels: the number of classes; a label outside ``[0, num_labels)`` is an error naming
-            its line.
+            its line (or dataset row).
         label_names: class names, for string labels.
+
+    Raises:
+        MissingPathError: a file does not exist or is a directory.
+        DataError: a file cannot be read or parsed, a record lacks ``text_field`` / ``label_field``
+            or has a bad label (the message names the file and line, or the dataset split and
+            row), a dataset lacks the columns.
 
     Example::
 
         dm = TextClassificationDataModule("bert-base-uncased", train_file="reviews.csv", num_labels=2)
         Trainer(max_epochs=3).fit(SFTModule("bert-base-uncased", task="sequence_classification", num_labels=2), dm)
+        dm = TextClassificationDataModule("bert-base-uncased", dataset=load_from_disk("imdb"), num_labels=2)
     """
 
     def __init__(
         self,
         tokenizer: str | PreTrainedTokenizerBase,
-        train_file: str | None = None,
-        val_file: str | None = None,
-        test_file: str | None = None,
+        train_file: DataSource = None,
+        val_file: DataSource = None,
+        test_file: DataSource = None,
         num_labels: int | None = None,
         label_names: Sequence[str] | None = None,
         text_field: str = "text",
@@ -51,10 +68,12 @@ class TextClassificationDataModule(TokenizedDataModule):
         num_workers: int = 0,
         seed: int = 0,
         cache_dir: str | None = None,
+        dataset: Any = None,
+        dataset_splits: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             tokenizer, train_file, val_file, test_file, val_fraction, max_length, overflow,
-            batch_size, eval_batch_size, num_workers, seed, cache_dir,
+            batch_size, eval_batch_size, num_workers, seed, cache_dir, dataset, dataset_splits,
         )  # fmt: skip
         if label_names is not None:
             label_names = list(label_names)
@@ -72,18 +91,20 @@ class TextClassificationDataModule(TokenizedDataModule):
         self.text_field = text_field
         self.label_field = label_field
 
-    def setup(self, stage: str | None = None) -> None:
-        super().setup(stage)
+    def assemble_splits(self, tokenized: dict[Split, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+        splits = super().assemble_splits(tokenized)
         if self.num_labels is None:
-            self.num_labels = max(2, 1 + max(example["label"] for example in self.datasets["train"]))
+            self.num_labels = max(2, 1 + max(example["label"] for example in splits["train"]))
+        return splits
+
+    def required_columns(self) -> Sequence[tuple[str, ...]]:
+        return ((self.text_field, self.label_field),)
+
+    def columns_hint(self) -> str:
+        return f"each row needs {self.text_field!r} and {self.label_field!r} (set `text_field` / `label_field`)."
 
     def encode(self, record: Record, where: str) -> dict[str, Any]:
-        require_keys(
-            record,
-            (self.text_field, self.label_field),
-            where,
-            f"each row needs {self.text_field!r} and {self.label_field!r}.",
-        )
+        require_keys(record, (self.text_field, self.label_field), where, self.columns_hint())
         text = record[self.text_field]
         if not isinstance(text, str):
             raise DataError(f"{where}: {self.text_field!r} must be a string, got {type(text).__name__}.")

@@ -64,7 +64,21 @@ class TeacherLogitsDataModule(L.LightningDataModule):
     def tokenizer(self) -> Any:
         return self.datamodule.tokenizer
 
+    def validate_inputs(self) -> None:
+        """Check the wrapped datamodule's inputs (its `validate_inputs`) and the cache path; write nothing.
+
+        Example::
+
+            TeacherLogitsDataModule(dm, cache_path="top16.pt", teacher="runs/teacher").validate_inputs()
+        """
+        if os.path.isdir(self.cache_path):
+            raise ConfigurationError(
+                f"`cache_path` {self.cache_path!r} is a directory: the teacher-logit cache is one file."
+            )
+        self.datamodule.validate_inputs()
+
     def setup(self, stage: str | None = None) -> None:
+        self.validate_inputs()
         self.datamodule.trainer = self.trainer
         self.datamodule.setup(stage)
         if self.cache is not None:

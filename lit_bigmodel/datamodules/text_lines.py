@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 from collections import Counter
 from collections.abc import Sequence
@@ -13,9 +12,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from lit_bigmodel.datamodules._collate import stack_tokens
+from lit_bigmodel.datamodules._records import check_data_file, read_bytes
 from lit_bigmodel.datamodules._sampling import build_loader
 from lit_bigmodel.datamodules.text import shakespeare_texts
-from lit_bigmodel.errors import ConfigurationError, DataError, MissingPathError
+from lit_bigmodel.errors import ConfigurationError, DataError
 
 PAD, UNK = "<pad>", "<unk>"  # ids 0 and 1; 0 is also the generator's start token
 _WORD = re.compile(r"[a-z]+(?:'[a-z]+)*|[.,!?;:]")
@@ -43,8 +43,8 @@ class TextLinesDataModule(L.LightningDataModule):
         max_lines: keep at most this many lines (the first ones, in file order), before the split.
 
     Raises:
-        MissingPathError: a file does not exist.
-        DataError: fewer usable lines than ``num_held_out`` + one batch.
+        MissingPathError: a file does not exist or is a directory.
+        DataError: a file cannot be read; fewer usable lines than ``num_held_out`` + one batch.
         ConfigurationError: an invalid argument.
 
     Example::
@@ -85,10 +85,7 @@ class TextLinesDataModule(L.LightningDataModule):
         paths = list(files) if files is not None else shakespeare_texts()
         if not paths:
             raise ConfigurationError("`files` must name at least one text file, got none.")
-        for path in paths:
-            if not os.path.isfile(path):
-                raise MissingPathError(f"text file {path!r} does not exist.")
-        self.paths = paths
+        self.paths = [check_data_file(path, "text file", needed="a text file") for path in paths]
         self.seq_len, self.vocab_size, self.min_words = seq_len, vocab_size, min_words
         self.num_held_out, self.max_lines = num_held_out, max_lines
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
@@ -100,8 +97,7 @@ class TextLinesDataModule(L.LightningDataModule):
     def _lines(self) -> list[list[str]]:
         lines: list[list[str]] = []
         for path in self.paths:
-            with open(path, encoding="utf-8", errors="replace") as handle:
-                text = handle.read()
+            text = read_bytes(path, "text file").decode("utf-8", errors="replace")
             start, end = _GUTENBERG_START.search(text), _GUTENBERG_END.search(text)
             text = text[text.find("\n", start.end()) + 1 if start else 0 : end.start() if end else len(text)]
             for line in text.splitlines():
@@ -112,7 +108,15 @@ class TextLinesDataModule(L.LightningDataModule):
                         return lines
         return lines
 
-    def setup(self, stage: str | None = None) -> None:
+    def validate_inputs(self) -> None:
+        """Read the files and build the vocabulary and the sequences; raise the errors `setup` would; write nothing.
+
+        The result is kept for `setup`.
+
+        Example::
+
+            TextLinesDataModule(["book.txt"], num_held_out=100).validate_inputs()   # DataError if too few lines
+        """
         if self.data is not None:
             return
         lines = self._lines()
@@ -132,6 +136,9 @@ class TextLinesDataModule(L.LightningDataModule):
         for row, line in enumerate(train):
             data[row, : len(line)] = torch.tensor([index.get(word, 1) for word in line])
         self.data = data
+
+    def setup(self, stage: str | None = None) -> None:
+        self.validate_inputs()
 
     def decode(self, tokens: torch.Tensor) -> list[str]:
         """Token ids ``(B, T)`` → one string of words per row, cut at the first ``<pad>``."""

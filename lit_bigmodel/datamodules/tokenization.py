@@ -60,7 +60,13 @@ def load_tokenizer(tokenizer: str | os.PathLike[str] | PreTrainedTokenizerBase) 
             raise MissingPathError(f"tokenizer directory {name!r} does not exist.")
         try:
             tok = AutoTokenizer.from_pretrained(name)
-        except (OSError, ValueError) as err:
+        except Exception as err:
+            if os.path.isdir(name):
+                raise ConfigurationError(
+                    f"tokenizer directory {name!r} could not be loaded: {type(err).__name__}: {err}"
+                ) from err
+            if not isinstance(err, (OSError, ValueError)):
+                raise
             raise MissingPathError(
                 f"tokenizer {name!r} is neither a local directory nor a model id that could be loaded ({err})."
             ) from err
