@@ -5,7 +5,7 @@ from lit_bigmodel.datamodules.arithmetic import ArithmeticDataModule
 from lit_bigmodel.datamodules.classification import TextClassificationDataModule
 from lit_bigmodel.datamodules.instruction import InstructionDataModule
 from lit_bigmodel.datamodules.oracle import OracleDataModule
-from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples
+from lit_bigmodel.datamodules.packing import block_causal_mask, pack_examples, packed_attention_inputs
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.teacher_cache import TeacherLogitsDataModule
 from lit_bigmodel.datamodules.text import PlainTextDataModule, shakespeare_texts
@@ -26,5 +26,6 @@ __all__ = [
     "flatten_batch",
     "load_tokenizer",
     "pack_examples",
+    "packed_attention_inputs",
     "shakespeare_texts",
 ]

@@ -12,8 +12,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import nn
 
-IGNORE_INDEX = -100
+from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.losses import IGNORE_INDEX
+
+__all__ = ["block_causal_mask", "pack_examples", "packed_attention_inputs"]  # IGNORE_INDEX lives in losses
 
 
 def pack_examples(examples: Sequence[dict[str, Any]], max_length: int) -> list[dict[str, list[int]]]:
@@ -58,19 +62,115 @@ def pack_examples(examples: Sequence[dict[str, Any]], max_length: int) -> list[d
     return packed
 
 
-def block_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean attention mask ``(B, 1, T, T)``: causal, within one document, never onto padding (-1).
+def block_causal_mask(
+    document_ids: torch.Tensor, dtype: torch.dtype | None = None, sliding_window: int | None = None
+) -> torch.Tensor:
+    """Attention mask ``(B, 1, T, T)``: causal, within one document, never onto padding (-1).
+
+    With ``dtype=None`` a boolean mask (True = attend), the form ``sdpa`` takes. With a floating
+    ``dtype`` an additive mask: 0 where a query attends, the dtype's minimum where it does not, the
+    form eager attention adds to the scores (a boolean mask added to them would add 1 or 0). With
+    ``sliding_window`` W, a query also sees only the W most recent keys, itself included.
 
     Example::
 
         block_causal_mask(torch.tensor([[0, 0, 1, -1]]))[0, 0].int()
+        block_causal_mask(torch.tensor([[0, 0, 1, -1]]), dtype=torch.bfloat16)  # 0 / -3.39e38
     """
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
+    if dtype is not None and not dtype.is_floating_point:
+        raise ConfigurationError(f"`dtype` must be a floating dtype or None, got {dtype!r}.")
+    if sliding_window is not None and sliding_window < 1:
+        raise ConfigurationError(f"`sliding_window` must be >= 1 or None, got {sliding_window!r}.")
     length = document_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=document_ids.device).tril()
-    valid = (document_ids >= 0)[:, None, :]  # (B, 1, T) keys
-    mask = same & causal & valid
+    q = torch.arange(length, device=document_ids.device)[:, None]  # (T, 1) queries
+    kv = torch.arange(length, device=document_ids.device)[None, :]  # (1, T) keys
+    mask = _allowed(document_ids[:, :, None], document_ids[:, None, :], q, kv, sliding_window)  # (B, T, T)
+    mask = mask[:, None]  # (B, 1, T, T)
+    if dtype is None:
+        return mask
+    zero = torch.zeros((), dtype=dtype, device=document_ids.device)
+    return torch.where(mask, zero, torch.finfo(dtype).min)
+
+
+def _allowed(
+    query_doc: torch.Tensor, key_doc: torch.Tensor, q: torch.Tensor, kv: torch.Tensor, window: int | None
+) -> torch.Tensor:
+    """Whether query ``q`` (of document ``query_doc``) attends to key ``kv``; broadcasts over its arguments."""
+    allowed = (query_doc == key_doc) & (kv <= q) & (key_doc >= 0)
+    if window is not None:
+        allowed = allowed & (q - kv < window)
     # Padding queries attend to themselves only, so no row is empty (softmax of all -inf is NaN).
-    eye = torch.eye(length, dtype=torch.bool, device=document_ids.device)
-    mask = mask | (eye & (document_ids < 0)[:, :, None])
-    return mask[:, None]
+    return allowed | ((q == kv) & (query_doc < 0))
+
+
+def packed_attention_inputs(document_ids: torch.Tensor, position_ids: torch.Tensor, model: nn.Module) -> dict[str, Any]:
+    """The attention keyword arguments that keep the examples of packed rows ``(B, T)`` apart in ``model``.
+
+    The mask follows the model's ``config._attn_implementation``:
+
+    - ``"sdpa"``: a boolean `block_causal_mask`;
+    - ``"flex_attention"``: a ``BlockMask`` of the same pattern;
+    - flash attention (a name containing ``"flash"``): ``attention_mask=None`` (a padding mask would
+      send it down its padded path, across the examples) and the example boundaries over the
+      flattened ``B·T`` tokens (``cu_seq_lens_q/k``, ``max_length_q/k``; each padding token is its own
+      sequence) for its variable-length kernels; reading the longest example is one host sync;
+    - anything else (``"eager"``, a model without a config): an additive `block_causal_mask` in the
+      dtype of the model's parameters, as Hugging Face builds its own eager masks (under autocast too).
+
+    A config's ``sliding_window`` narrows the mask of its sliding layers: of every layer, or, where
+    ``layer_types`` mixes ``"full_attention"`` and ``"sliding_attention"`` layers, a mask per type
+    (the dict such models take). Always ``position_ids``, restarting at 0 in every example.
+
+    Raises:
+        ConfigurationError: ``layer_types`` names an attention other than full and sliding.
+
+    Example::
+
+        kwargs = packed_attention_inputs(batch["document_ids"], batch["position_ids"], model)
+        logits = model(input_ids=batch["input_ids"], **kwargs).logits
+    """
+    config = getattr(model, "config", None)
+    attention = str(getattr(config, "_attn_implementation", None) or "")
+    inputs: dict[str, Any] = {"position_ids": position_ids}
+    if "flash" in attention:  # the kernel applies a sliding window itself
+        starts = torch.ones_like(document_ids, dtype=torch.bool)  # (B, T)
+        starts[:, 1:] = (document_ids[:, 1:] != document_ids[:, :-1]) | (document_ids[:, 1:] < 0)
+        flat_starts = starts.flatten().nonzero()[:, 0]  # (E,)
+        end = torch.tensor([document_ids.numel()], device=document_ids.device)
+        boundaries = torch.cat([flat_starts, end]).to(torch.int32)  # (E + 1,)
+        inputs["attention_mask"] = None
+        inputs["cu_seq_lens_q"] = inputs["cu_seq_lens_k"] = boundaries
+        inputs["max_length_q"] = inputs["max_length_k"] = int(boundaries.diff().max())
+        return inputs
+
+    def mask(window: int | None) -> Any:
+        if attention == "sdpa":
+            return block_causal_mask(document_ids, sliding_window=window)
+        if attention == "flex_attention":
+            return _flex_block_mask(document_ids, window)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        return block_causal_mask(document_ids, dtype=dtype, sliding_window=window)
+
+    window = getattr(config, "sliding_window", None)
+    window = window if isinstance(window, int) else None
+    layer_types = set(getattr(config, "layer_types", None) or ["sliding_attention" if window else "full_attention"])
+    unknown = layer_types - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigurationError(
+            f"packed rows need full or sliding attention layers, but the model's `layer_types` holds {sorted(unknown)}; "
+            "set the datamodule's packing=False."
+        )
+    masks = {kind: mask(window if kind == "sliding_attention" else None) for kind in sorted(layer_types)}
+    inputs["attention_mask"] = next(iter(masks.values())) if len(masks) == 1 else masks
+    return inputs
+
+
+def _flex_block_mask(document_ids: torch.Tensor, window: int | None) -> Any:
+    """`block_causal_mask` ``(B, 1, T, T)`` as flex attention's ``BlockMask``."""
+    from torch.nn.attention.flex_attention import create_block_mask  # torch >= 2.5, as flex attention
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        return _allowed(document_ids[b, q], document_ids[b, kv], q, kv, window)
+
+    batch, length = document_ids.shape
+    return create_block_mask(mask_mod, batch, None, length, length, device=document_ids.device)

@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
-from lit_bigmodel.datamodules.packing import IGNORE_INDEX
 from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.losses import IGNORE_INDEX
 
 
 def flatten_batch(batch: dict[str, torch.Tensor], max_length: int | None = None) -> dict[str, Any]:

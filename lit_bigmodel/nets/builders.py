@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from typing import Any, Literal, Union
@@ -31,7 +32,8 @@ def build_model(
     """Return the network ``source`` describes, for ``task``.
 
     - a directory written by ``save_pretrained`` (or, with a network, a hub id): loaded with its weights;
-    - a ``PretrainedConfig``: built with fresh weights; with a ``tokenizer``, the vocabulary size and
+    - a ``PretrainedConfig``: built with fresh weights and the config's ``attn_implementation`` (if
+      none was set, transformers' default); with a ``tokenizer``, the vocabulary size and
       the pad / BOS / EOS ids are taken from it, so a config and a locally built tokenizer agree;
     - a callable: called with no arguments, its result returned as is.
 
@@ -48,7 +50,9 @@ def build_model(
         {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
     )
     if isinstance(source, PretrainedConfig):
-        config = source.__class__.from_dict(source.to_dict())  # a copy: the caller's config stays unchanged
+        # A deep copy, so the caller's config stays unchanged; it keeps what `to_dict` leaves out,
+        # such as the attention implementation asked for with `attn_implementation=`.
+        config = copy.deepcopy(source)
         if tokenizer is not None:
             config.vocab_size = len(tokenizer)
             for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
@@ -63,6 +67,10 @@ def build_model(
         try:
             return _AUTO[task].from_pretrained(name, **label_kwargs)
         except (OSError, ValueError) as err:
+            if os.path.isdir(name):
+                raise ConfigurationError(
+                    f"model directory {name!r} could not be loaded ({err}); check its config.json and weights."
+                ) from err
             raise MissingPathError(
                 f"model {name!r} is neither a local model directory nor a model id that could be loaded ({err})."
             ) from err
