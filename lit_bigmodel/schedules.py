@@ -1,13 +1,30 @@
 """Closed-form learning-rate schedules: the one formula behind `SFTModule`'s built-in schedule and `LRDecay`.
 
-``LRSchedule(...).lr(t, base_lr)`` is the learning rate of optimizer step ``t`` (0-based).
+``LRSchedule(...).lr(t, base_lr)`` is the learning rate of optimizer step ``t`` (0-based). The warmup is
+``base_lr · (t + 1) / W`` for the steps ``t < W``, in both users.
+
+**Who owns the learning rate.** A callback that sets the learning rate (`LRDecay`) owns it for the
+optimizers it schedules. A module then installs no scheduler of its own for those optimizers: it asks
+``callback_sets_learning_rate(self.trainer, optimizer_index)`` in ``configure_optimizers`` and returns the
+bare optimizer (`SFTModule` and its subclasses do). A module that still returns a scheduler is overridden
+with a warning: the callback reads the base rate from the param group's ``initial_lr`` (where torch's
+schedulers keep the rate they started from) or else ``lr``, sets the rate before every optimizer step and
+again after Lightning steps the scheduler, so the steps and the optimizer after fit carry the callback's
+rates.
+
+Example::
+
+    from lit_bigmodel.schedules import LRSchedule
+
+    schedule = LRSchedule("cosine", warmup_steps=100, total_steps=1000, min_lr=0.1)
+    factors = [schedule.lr(t, 1.0) for t in range(1000)]   # 0.01, 0.02, ..., 1.0, ..., 0.1
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 ModuleScheduleName = Literal["cosine", "linear", "constant"]  # the built-in schedules of `SFTModule`
 SCHEDULES = ("constant", "step", "exponential", "inverse_time", "cosine", "linear", "wsd", "plateau")
@@ -71,3 +88,24 @@ def _shape(shape: str, progress: float) -> float:
     if shape == "1-sqrt":
         return 1.0 - math.sqrt(progress)
     return 1.0 - progress
+
+
+def callback_sets_learning_rate(trainer: Any, optimizer_index: int = 0) -> bool:
+    """Whether a callback of ``trainer`` owns the learning rate of optimizer ``optimizer_index`` (see the module docstring).
+
+    A callback owns it when it has a method ``sets_learning_rate(optimizer_index) -> bool`` that says so
+    (`LRDecay` has one).
+
+    Example::
+
+        def configure_optimizers(self):
+            optimizer = torch.optim.AdamW(self.parameters(), lr=self.learning_rate)
+            if callback_sets_learning_rate(self.trainer):
+                return optimizer
+            return {"optimizer": optimizer, "lr_scheduler": ...}
+    """
+    for callback in getattr(trainer, "callbacks", None) or ():
+        sets_learning_rate = getattr(callback, "sets_learning_rate", None)
+        if callable(sets_learning_rate) and sets_learning_rate(optimizer_index):
+            return True
+    return False

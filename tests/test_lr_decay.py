@@ -1,10 +1,13 @@
 """LRDecay: closed forms per schedule (with and without accumulation), skipped fp16 steps, resume mid-warmup,
-plateau against torch's ReduceLROnPlateau, manual optimization (two optimizers, SeqGAN), plot, errors."""
+plateau against torch's ReduceLROnPlateau, manual optimization (two optimizers, SeqGAN), who owns the rate
+(SFTModule / DistillationModule at their defaults, a module's own scheduler), SFTModule's built-in schedule,
+plot, errors."""
 
 from __future__ import annotations
 
 import math
 import sys
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -15,6 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lit_bigmodel import ConfigurationError
 from lit_bigmodel.callbacks import LRDecay, PrecisionMonitor
+from lit_bigmodel.schedules import LRSchedule
 from tests.conftest import tiny_trainer
 
 BASE_LRS = (0.1, 0.2)  # the module's two param groups
@@ -279,6 +283,108 @@ class StepSpy(L.Callback):
     def _record(self, index, optimizer):
         self.steps[index] += 1
         self.used[index].append(optimizer.param_groups[0]["lr"])
+
+
+def _arithmetic():
+    from lit_bigmodel.datamodules import ArithmeticDataModule
+
+    return ArithmeticDataModule(max_operand=12, num_val=8, num_test=8, batch_size=8, eval_batch_size=8, seed=3)
+
+
+def _gpt2(n_layer):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        n_layer=n_layer, n_embd=32, n_head=2, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+
+
+def _default_module(kind):
+    """SFTModule / DistillationModule with every optimization argument at its default (warmup_steps=0.05)."""
+    from lit_bigmodel import DistillationModule, SFTModule
+
+    return SFTModule(_gpt2(2)) if kind == "sft" else DistillationModule(_gpt2(1), _gpt2(2))
+
+
+# 20 optimizer steps: the modules' default warmup (5 % of the run) is one step, so a module scheduler
+# would have scaled the optimizer's rate by 1/2 before LRDecay read it.
+OWNED = {
+    "exponential": ({"warmup_steps": 2, "decay_rate": 0.5, "decay_steps": 4}, {"W": 2, "gamma": 0.5, "s": 4}),
+    "inverse_time": ({"decay_rate": 0.5, "power": 2.0}, {"beta": 0.5, "s": 1, "p": 2.0}),  # α0 / (1 + βt)^γ
+}
+
+
+@pytest.mark.parametrize("schedule", list(OWNED))
+@pytest.mark.parametrize("kind", ["sft", "distillation"])
+def test_lr_decay_owns_the_rate_of_the_modules_at_their_defaults(tmp_path, kind, schedule):
+    L.seed_everything(0)
+    kwargs, formula = OWNED[schedule]
+    module = _default_module(kind)
+    decay, spy = LRDecay(schedule, **kwargs), StepSpy()
+    trainer = tiny_trainer(tmp_path, max_steps=20, limit_val_batches=0, callbacks=[spy, decay])
+    trainer.fit(module, _arithmetic())
+    groups = trainer.optimizers[0].param_groups
+    assert decay.initial_lrs[0] == [module.learning_rate] * len(groups) == [5e-5] * len(groups)
+    expected = [_closed_form(schedule, t, 5e-5, **formula) for t in range(21)]
+    assert spy.steps[0] == 20
+    assert spy.used[0] == pytest.approx(expected[:20], rel=1e-12)
+    assert [g["lr"] for g in groups] == pytest.approx([expected[20]] * len(groups), rel=1e-12)  # after fit
+    assert trainer.lr_scheduler_configs == []  # the callback owns the rate: the module installs no scheduler
+
+
+class OwnScheduler(Regression):
+    """A user's module that returns its own per-step scheduler (×0.1, then halving every step)."""
+
+    def configure_optimizers(self):
+        optimizer = super().configure_optimizers()
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.1 * 0.5**step)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_a_module_scheduler_neither_scales_the_base_rate_nor_has_the_last_word(tmp_path, accumulate):
+    module = OwnScheduler()
+    decay = LRDecay("exponential", warmup_steps=2, decay_rate=0.5, decay_steps=4)
+    trainer = tiny_trainer(tmp_path, max_steps=12, accumulate_grad_batches=accumulate, callbacks=[decay])
+    with pytest.warns(UserWarning, match="scheduler is overridden"):
+        trainer.fit(module, _data())
+    assert decay.initial_lrs[0] == list(BASE_LRS)  # the group's `initial_lr`, not the scheduler's 0.1 × α0
+    for t in range(12):
+        for g in (0, 1):
+            expected = _closed_form("exponential", t, BASE_LRS[g], W=2, gamma=0.5, s=4)
+            assert module.used[t][g] == pytest.approx(expected, rel=1e-12), (t, g)
+    after = [g["lr"] for g in trainer.optimizers[0].param_groups]
+    assert after == pytest.approx([_closed_form("exponential", 12, a0, W=2, gamma=0.5, s=4) for a0 in BASE_LRS])
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_sft_without_lr_decay_follows_its_built_in_warmup_and_cosine(tmp_path, accumulate):
+    from lit_bigmodel import SFTModule
+
+    L.seed_everything(0)
+    module = SFTModule(_gpt2(2), learning_rate=1e-3, warmup_steps=3, min_lr_ratio=0.1)
+    spy = StepSpy()
+    trainer = tiny_trainer(
+        tmp_path, max_steps=12, accumulate_grad_batches=accumulate, limit_val_batches=0, callbacks=[spy]
+    )
+    trainer.fit(module, _arithmetic())
+    assert spy.steps[0] == 12  # optimizer steps: accumulation does not shorten the warmup
+    expected = [_closed_form("cosine", t, 1e-3, W=3, T=12, min_lr=1e-4) for t in range(12)]
+    assert expected[:3] == pytest.approx([1e-3 / 3, 2e-3 / 3, 1e-3])  # warmup (t + 1) / W
+    assert spy.used[0] == pytest.approx(expected, rel=1e-9)
+    schedule = LRSchedule("cosine", warmup_steps=3, total_steps=12, min_lr=1e-4)
+    assert spy.used[0] == pytest.approx([schedule.lr(t, 1e-3) for t in range(12)], rel=1e-9)
+
+
+def test_who_owns_the_rate_is_asked_per_optimizer():
+    from lit_bigmodel.schedules import callback_sets_learning_rate
+
+    only_second = SimpleNamespace(callbacks=[LRDecay("cosine", optimizers=[1])])
+    assert callback_sets_learning_rate(only_second, 1)
+    assert not callback_sets_learning_rate(only_second, 0)
+    every = SimpleNamespace(callbacks=[PrecisionMonitor(), LRDecay("cosine")])
+    assert callback_sets_learning_rate(every, 0) and callback_sets_learning_rate(every, 3)
+    assert not callback_sets_learning_rate(SimpleNamespace(callbacks=[PrecisionMonitor()]), 0)
 
 
 def test_plot_draws_the_closed_form(tmp_path):

@@ -22,9 +22,9 @@ GroupScales = Sequence[float] | Mapping[int, Sequence[float]]
 class LRDecay(Callback):
     """Set every optimizer's learning rate from a schedule at each optimizer step.
 
-    The module's ``configure_optimizers`` is not touched: the base rate ``α0`` of each param group is read
-    from the optimizer when training starts (and kept in the checkpoint, so a resumed run does not
-    re-read a decayed rate). With ``t`` the number of *real* optimizer steps taken so far and
+    The base rate ``α0`` of each param group is read from the optimizer when training starts: the group's
+    ``initial_lr`` where a torch scheduler recorded it, else its ``lr`` (and kept in the checkpoint, so a
+    resumed run does not re-read a decayed rate). With ``t`` the number of *real* optimizer steps taken so far and
     ``τ = t − warmup_steps``, the rate of the next step is
 
     ========================  ===============================================================
@@ -39,8 +39,16 @@ class LRDecay(Callback):
     ``"plateau"``             ``α0 · factor ^ k`` after ``k`` reductions on plateaus of ``monitor``
     ========================  ===============================================================
 
-    and ``α0 · (t + 1) / warmup_steps`` during the warmup, for every schedule. ``min_lr`` is a floor for all
+    and ``α0 · (t + 1) / warmup_steps`` during the warmup, for every schedule (the warmup of `SFTModule`'s
+    built-in schedule too: both are `lit_bigmodel.schedules.LRSchedule`). ``min_lr`` is a floor for all
     schedules; each group's rate is finally multiplied by its ``group_scales`` factor.
+
+    **Who owns the rate.** ``LRDecay`` does, for the optimizers it schedules (the rule is written in
+    `lit_bigmodel.schedules`): `SFTModule` and `DistillationModule` then install no scheduler of their own
+    (they ask `callback_sets_learning_rate`, which calls `sets_learning_rate`). A scheduler that a module
+    still returns for a scheduled optimizer is overridden, with a warning: ``α0`` is the rate it started
+    from, and ``LRDecay`` sets the rate again after Lightning steps it, so after fit the optimizer holds
+    ``LRDecay``'s rate of the next step.
 
     **What a step is.** The counter advances after ``optimizer.step()`` really updated parameters (a
     per-optimizer step post-hook, see ``callbacks/_steps.py``): accumulation micro-batches do not count, so
@@ -48,8 +56,7 @@ class LRDecay(Callback):
     (inf/NaN gradients) does not count; and manual optimization needs nothing special. Each optimizer has
     its own counter (a GAN's generator and discriminator each follow their schedule).
 
-    The rate is logged as ``lr/opt{i}/group{g}`` at each optimizer step (``log=True``). A learning-rate
-    scheduler returned by ``configure_optimizers`` for a scheduled optimizer is overridden (with a warning).
+    The rate is logged as ``lr/opt{i}/group{g}`` at each optimizer step (``log=True``).
 
     Args:
         schedule: one of ``"constant"``, ``"step"``, ``"exponential"``, ``"inverse_time"``, ``"cosine"``,
@@ -155,6 +162,10 @@ class LRDecay(Callback):
     @property
     def state_key(self) -> str:
         return self._generate_state_key(schedule=self.schedule, optimizers=self.optimizer_indices)
+
+    def sets_learning_rate(self, optimizer_index: int) -> bool:
+        """Whether this callback owns the learning rate of optimizer ``optimizer_index`` (see `lit_bigmodel.schedules`)."""
+        return self.optimizer_indices is None or optimizer_index in self.optimizer_indices
 
     def build_schedule(self, total_steps: int | None = None) -> LRSchedule:
         """The closed-form `LRSchedule` for a run of ``total_steps`` optimizer steps (default: ``self.total_steps``)."""
@@ -271,7 +282,7 @@ class LRDecay(Callback):
                 continue
             groups = optimizers[i].param_groups
             if i not in self.initial_lrs:  # a fresh run; a resumed one keeps the α0 of its checkpoint
-                self.initial_lrs[i] = [float(g["lr"]) for g in groups]
+                self.initial_lrs[i] = [float(g.get("initial_lr", g["lr"])) for g in groups]
             self.steps.setdefault(i, 0)
             if len(self.initial_lrs[i]) != len(groups):
                 problems.append(
@@ -339,7 +350,15 @@ class LRDecay(Callback):
             for g, group in enumerate(self._optimizers[index].param_groups):
                 pl_module.log(f"lr/opt{index}/group{g}", float(group["lr"]), on_step=True, on_epoch=False)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        for index in self._optimizers:  # after Lightning stepped the module's per-step schedulers
+            self._apply(index)
+
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        for index in self._optimizers:  # after the last scheduler steps: the optimizer keeps LRDecay's rate
+            self._apply(index)
         self._remove_hooks()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
