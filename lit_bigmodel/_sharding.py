@@ -47,6 +47,12 @@ def shards_parameters(trainer: Any) -> bool:
     return zero_stage(trainer) == 3 or is_fsdp(trainer)
 
 
+def is_sharded(trainer: Any) -> bool:
+    """Whether ``trainer``'s strategy splits weights or optimizer state across ranks: DeepSpeed (any ZeRO stage),
+    FSDP or FSDP2; callbacks that need whole weights on one rank (copies, masks) refuse these."""
+    return zero_stage(trainer) is not None or is_fsdp(trainer)
+
+
 @contextlib.contextmanager
 def hf_zero3_loading(trainer: Any) -> Iterator[None]:
     """Let ``transformers`` build and load a model the ZeRO-3 way while the model is built.

@@ -27,19 +27,89 @@ from typing import Any
 import torch
 from torch import nn
 
-from lit_bigmodel.errors import ConfigurationError, LitBigModelError, MissingPathError, OutputExistsError
+from lit_bigmodel.errors import ConfigurationError, DataError, LitBigModelError, MissingPathError, OutputExistsError
 
 CHECKPOINT_KEY = "lit_bigmodel_export"  # what the modules store for an offline export: task, config, tokenizer
 
 
 def check_target(dirpath: str | os.PathLike[str], overwrite: bool) -> str:
-    """The absolute export path; `OutputExistsError` if it is a non-empty directory (or a file) and not ``overwrite``."""
+    """The absolute export path; `OutputExistsError` if it is a file, or a non-empty directory and not ``overwrite``."""
     target = os.path.abspath(os.fspath(dirpath))
-    if os.path.exists(target) and (not os.path.isdir(target) or os.listdir(target)) and not overwrite:
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise OutputExistsError(f"export directory {target!r} is a file; choose another export directory.")
+    if os.path.isdir(target) and os.listdir(target) and not overwrite:
         raise OutputExistsError(
             f"export directory {target!r} exists and is not empty; pass overwrite=True to replace it."
         )
     return target
+
+
+def check_finite(state_dict: dict[str, torch.Tensor]) -> None:
+    """Raise `ConfigurationError` naming the floating-point tensors of ``state_dict`` that hold NaN or ±inf.
+
+    Example::
+
+        check_finite(network.state_dict())   # before writing an export
+    """
+    bad = [
+        name
+        for name, tensor in state_dict.items()
+        if isinstance(tensor, torch.Tensor)
+        and (tensor.is_floating_point() or tensor.is_complex())
+        and tensor.device.type != "meta"
+        and not bool(torch.isfinite(tensor).all())
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigurationError(
+            f"refusing to export non-finite weights: tensor {bad[0]!r}{more} holds NaN or inf; the training "
+            "diverged (lower the learning rate, or check the loss) and nothing was written."
+        )
+
+
+def read_checkpoint(path: str | os.PathLike[str], argument: str = "checkpoint") -> dict[str, Any] | None:
+    """Check that ``path`` is a checkpoint Lightning can resume from; return it when it is a single file.
+
+    A file must load with ``torch.load`` and hold a ``state_dict``; a directory must be a DeepSpeed
+    checkpoint (a ``latest`` file or ``*/mp_rank_*_model_states.pt``) or a ``torch.distributed.checkpoint``
+    (``.metadata``), and is not loaded (None). Errors name ``argument`` and the path.
+
+    Raises:
+        MissingPathError: nothing at ``path``, or a directory that is no checkpoint.
+        DataError: a file that ``torch.load`` cannot read, or that holds no ``state_dict``.
+
+    Example::
+
+        read_checkpoint("runs/sft/checkpoints/last.ckpt", argument="--ckpt_path")
+    """
+    name = os.fspath(path)
+    where = f"{argument} {name!r}"
+    if os.path.isdir(name):
+        if _is_deepspeed(Path(name)) or os.path.isfile(os.path.join(name, ".metadata")):
+            return None
+        raise MissingPathError(
+            f"{where} is a directory but not a checkpoint: no DeepSpeed 'latest' file and no "
+            "torch.distributed.checkpoint '.metadata' in it."
+        )
+    if not os.path.isfile(name):
+        raise MissingPathError(f"{where} does not exist.")
+    try:
+        try:
+            checkpoint = torch.load(name, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            checkpoint = torch.load(name, map_location="cpu", weights_only=False)  # a legacy (non-zip) file
+    except Exception as err:
+        first = (str(err).strip().splitlines() or [""])[0].split(". ")[0].rstrip(".")
+        raise DataError(f"{where} is not a checkpoint torch.load can read ({type(err).__name__}: {first}).") from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise DataError(f"{where} holds no 'state_dict': it is not a Lightning checkpoint.")
+    return checkpoint
+
+
+def _is_deepspeed(path: Path) -> bool:
+    return (path / "latest").is_file() or any(path.glob("*/mp_rank_*_model_states.pt"))
 
 
 def write_pretrained(
@@ -48,7 +118,11 @@ def write_pretrained(
     """Write ``network`` (with ``state_dict`` if given) and ``tokenizer`` into ``target``, complete or not at all.
 
     Everything is written into a staging folder beside ``target`` and renamed into place.
+
+    Raises:
+        ConfigurationError: a floating-point weight holds NaN or inf (nothing is written).
     """
+    check_finite(state_dict if state_dict is not None else network.state_dict())
     if state_dict is not None:  # gathered copies of tied weights: one tensor again, so transformers writes it once
         state_dict = dict(state_dict)
         names: dict[int, str] = {}
@@ -92,27 +166,23 @@ def export_info(task: str, network: nn.Module, tokenizer: Any) -> dict[str, Any]
 
 def load_consolidated(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A Lightning checkpoint as one dict with a full ``state_dict``, whatever strategy wrote it (on CPU)."""
+    loaded = read_checkpoint(path)
+    if loaded is not None:
+        return loaded
     path = Path(path)
-    if path.is_file():
-        return torch.load(path, map_location="cpu", weights_only=False)
-    if not path.is_dir():
-        raise MissingPathError(f"checkpoint {str(path)!r} does not exist.")
-    if (path / "latest").is_file() or any(path.glob("*/mp_rank_*_model_states.pt")):  # DeepSpeed
+    if _is_deepspeed(path):
         from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
 
         with tempfile.TemporaryDirectory() as folder:
             return convert_zero_checkpoint_to_fp32_state_dict(path, os.path.join(folder, "full.ckpt"))
     if (path / ".metadata").is_file():  # torch.distributed.checkpoint (FSDP / FSDP2 sharded)
-        from lightning.fabric.utilities.load import _load_distributed_checkpoint
+        from lit_bigmodel._internals import load_distributed_checkpoint
 
-        full = _load_distributed_checkpoint(path)
+        full = load_distributed_checkpoint(path)
         if "state_dict" not in full and isinstance(full.get("model"), dict):
             full["state_dict"] = full.pop("model")  # Lightning's FSDP sharded layout keeps the weights as "model"
         return full
-    raise MissingPathError(
-        f"{str(path)!r} is a directory but not a checkpoint: no DeepSpeed 'latest' file and no "
-        "torch.distributed.checkpoint '.metadata' in it."
-    )
+    raise MissingPathError(f"checkpoint {str(path)!r} is not a DeepSpeed or torch.distributed.checkpoint directory.")
 
 
 def export_checkpoint(

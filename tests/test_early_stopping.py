@@ -133,6 +133,11 @@ def test_sharded_strategies_are_refused_with_what_to_use_instead(strategy):
         ({"stopping_threshold": float("nan")}, "stopping_threshold"),
         ({"divergence_threshold": "high"}, "divergence_threshold"),
         ({"restore_best_weights": "yes"}, "restore_best_weights"),
+        ({"min_delta": float("nan")}, "min_delta"),
+        ({"min_delta": float("inf")}, "min_delta"),
+        ({"min_delta": "0.1"}, "min_delta"),
+        ({"patience": float("inf")}, "patience"),
+        ({"divergence_threshold": float("-inf")}, "divergence_threshold"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, name):

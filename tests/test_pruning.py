@@ -517,6 +517,13 @@ def test_to_semi_structured_matches_the_dense_output_on_gpu():
             "`prune_embeddings=True` is only for method='unstructured'",
         ),
         ({"include": "("}, "`include` must hold regular expressions, got '('"),
+        ({"final_sparsity": float("nan")}, "`final_sparsity` must be in [0, 1), got nan."),
+        ({"final_sparsity": "0.5"}, "`final_sparsity` must be in [0, 1), got '0.5'."),
+        ({"initial_sparsity": float("inf")}, "`initial_sparsity` must be in [0, 1), got inf."),
+        ({"initial_sparsity": None}, "`initial_sparsity` must be in [0, 1), got None."),
+        ({"start_step": float("nan")}, "`start_step` must be an int >= 0 (optimizer steps) or a float in [0, 1]"),
+        ({"end_step": float("inf")}, "`end_step` must be an int >= 0 (optimizer steps) or a float in [0, 1]"),
+        ({"frequency": float("inf")}, "`frequency` must be an int >= 1 (optimizer steps), got inf."),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, message):

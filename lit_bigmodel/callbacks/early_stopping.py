@@ -3,7 +3,6 @@ decides the same on every rank."""
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -11,6 +10,8 @@ import torch
 from lightning.pytorch.callbacks import EarlyStopping as LightningEarlyStopping
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from lit_bigmodel._checks import check_number
+from lit_bigmodel._sharding import is_sharded
 from lit_bigmodel.errors import ConfigurationError
 
 
@@ -79,14 +80,18 @@ class EarlyStopping(LightningEarlyStopping):
         problems = []
         if not (isinstance(monitor, str) and monitor):
             problems.append(f"`monitor` must name a logged metric, got {monitor!r}.")
-        if not _is_real(min_delta) or min_delta < 0:
-            problems.append(f"`min_delta` must be a number >= 0, got {min_delta!r}.")
-        if not (isinstance(patience, int) and not isinstance(patience, bool)) or patience < 0:
-            problems.append(f"`patience` must be an integer >= 0, got {patience!r}.")
+        problems += [
+            problem
+            for problem in (
+                check_number("min_delta", min_delta, low=0.0),
+                check_number("patience", patience, low=0, integer=True),
+            )
+            if problem
+        ]
         if mode not in ("min", "max"):
             problems.append(f"`mode` must be 'min' or 'max', got {mode!r}.")
         for name, value in (("stopping_threshold", stopping_threshold), ("divergence_threshold", divergence_threshold)):
-            if value is not None and not _is_real(value):
+            if value is not None and check_number(name, value) is not None:
                 problems.append(f"`{name}` must be a finite number or None, got {value!r}.")
         if not isinstance(restore_best_weights, bool):
             problems.append(f"`restore_best_weights` must be True or False, got {restore_best_weights!r}.")
@@ -117,8 +122,12 @@ class EarlyStopping(LightningEarlyStopping):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        if self.restore_best_weights:
-            _refuse_sharded(trainer.strategy)
+        if self.restore_best_weights and is_sharded(trainer):
+            raise ConfigurationError(
+                f"EarlyStopping(restore_best_weights=True) keeps a full copy of the weights, which "
+                f"{type(trainer.strategy).__name__} shards across ranks. Use restore_best_weights=False with "
+                f"ModelCheckpoint(monitor=..., save_top_k=1) and load `checkpoint_callback.best_model_path` after fit."
+            )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.world_size > 1 and not trainer.is_global_zero:
@@ -189,19 +198,3 @@ class EarlyStopping(LightningEarlyStopping):
         self.best_weights = state_dict.get("best_weights")
         self.best_epoch = int(state_dict.get("best_epoch", -1))
         self.best_step = int(state_dict.get("best_step", -1))
-
-
-def _refuse_sharded(strategy: Any) -> None:
-    """Raise for strategies whose ranks hold shards of the weights: a full copy on one rank is what they avoid."""
-    from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-    if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
-        raise ConfigurationError(
-            f"EarlyStopping(restore_best_weights=True) keeps a full copy of the weights, which "
-            f"{type(strategy).__name__} shards across ranks. Use restore_best_weights=False with "
-            f"ModelCheckpoint(monitor=..., save_top_k=1) and load `checkpoint_callback.best_model_path` after fit."
-        )
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

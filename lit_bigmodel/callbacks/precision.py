@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 
+from lit_bigmodel._checks import check_number
 from lit_bigmodel.callbacks._steps import drop_grads, has_grads, torch_optimizer, watch_real_steps
 from lit_bigmodel.errors import ConfigurationError
 
@@ -152,9 +153,9 @@ class PrecisionMonitor(Callback):
         problems = []
         if policy not in POLICIES:
             problems.append(f"`policy` must be one of {', '.join(map(repr, POLICIES))}, got {policy!r}.")
-        if not _is_positive_int(check_every_n_steps):
+        if check_number("check_every_n_steps", check_every_n_steps, low=1, integer=True) is not None:
             problems.append(f"`check_every_n_steps` must be an integer >= 1, got {check_every_n_steps!r}.")
-        if log_every_n_steps is not None and not _is_positive_int(log_every_n_steps):
+        if log_every_n_steps is not None and check_number("log_every_n_steps", log_every_n_steps, low=1, integer=True):
             problems.append(f"`log_every_n_steps` must be an integer >= 1 or None, got {log_every_n_steps!r}.")
         if problems:
             raise ConfigurationError(" ".join(problems))
@@ -339,7 +340,3 @@ def _deepspeed_engine(trainer: pl.Trainer) -> Any:
         return getattr(trainer.strategy, "deepspeed_engine", None)
     except Exception:  # the property of a strategy not yet set up
         return None
-
-
-def _is_positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from lit_bigmodel._checks import check_number
+from lit_bigmodel._sharding import is_sharded
 from lit_bigmodel.callbacks._pruning_methods import (
     METHODS,
     HeadLayer,
@@ -166,15 +168,15 @@ class Pruning(Callback):
             )
         if final_sparsity is None:
             final_sparsity = 1.0 - n / m if method == "n:m" and nm_ok else 0.5
-        elif not 0.0 <= final_sparsity < 1.0:
+        elif check_number("final_sparsity", final_sparsity, low=0.0, high=1.0, high_open=True) is not None:
             problems.append(f"`final_sparsity` must be in [0, 1), got {final_sparsity!r}.")
         elif method == "n:m" and nm_ok and abs(final_sparsity - (1.0 - n / m)) > 1e-9:
             problems.append(
                 f"`final_sparsity` must be 1 - n/m = {1.0 - n / m} (or None) with method='n:m', got {final_sparsity!r}."
             )
-        if not 0.0 <= initial_sparsity < 1.0:
+        if check_number("initial_sparsity", initial_sparsity, low=0.0, high=1.0, high_open=True) is not None:
             problems.append(f"`initial_sparsity` must be in [0, 1), got {initial_sparsity!r}.")
-        elif initial_sparsity > final_sparsity:
+        elif isinstance(final_sparsity, (int, float)) and initial_sparsity > final_sparsity:
             problems.append(
                 f"`initial_sparsity` must be <= `final_sparsity` ({final_sparsity!r}), got {initial_sparsity!r}."
             )
@@ -193,7 +195,7 @@ class Pruning(Callback):
             and end_step <= start_step
         ):
             problems.append(f"`end_step` must be after `start_step` ({start_step!r}), got {end_step!r}.")
-        if isinstance(frequency, bool) or not isinstance(frequency, int) or frequency < 1:
+        if check_number("frequency", frequency, low=1, integer=True) is not None:
             problems.append(f"`frequency` must be an int >= 1 (optimizer steps), got {frequency!r}.")
         if scope not in _SCOPES:
             problems.append(f"`scope` must be one of {_SCOPES}, got {scope!r}.")
@@ -295,12 +297,9 @@ class Pruning(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
-
-        strategy = trainer.strategy
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        if is_sharded(trainer):
             raise ConfigurationError(
-                f"Pruning does not support {type(strategy).__name__}: its parameters are sharded across ranks, so "
+                f"Pruning does not support {type(trainer.strategy).__name__}: its parameters are sharded across ranks, so "
                 "per-layer masks and magnitude ranks cannot be computed on one rank. Use strategy='ddp' or one device, "
                 "then prune the exported model."
             )
@@ -484,11 +483,10 @@ class Pruning(Callback):
 
 
 def _is_step(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return value >= 0
-    return isinstance(value, float) and 0.0 <= value <= 1.0
+    """An int >= 0 (optimizer steps) or a finite float in [0, 1] (fraction of the run)."""
+    if isinstance(value, float):
+        return check_number("step", value, low=0.0, high=1.0) is None
+    return check_number("step", value, low=0, integer=True) is None
 
 
 def _patterns(value: str | Sequence[str] | None, argument: str, problems: list[str]) -> list[str]:
