@@ -14,17 +14,31 @@ from lit_bigmodel.losses import (
     policy_gradient_loss,
 )
 from lit_bigmodel.nets.builders import build_model
+from lit_bigmodel.objectives import (
+    CausalLMObjective,
+    ClassificationObjective,
+    DistillationObjective,
+    LossTerms,
+    Objective,
+)
+from lit_bigmodel.schedules import LRSchedule
 from lit_bigmodel.seqgan import SeqGANModule
 from lit_bigmodel.sft import SFTModule
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CausalLMObjective",
+    "ClassificationObjective",
     "ConfigurationError",
     "DataError",
     "DistillationModule",
+    "DistillationObjective",
+    "LRSchedule",
     "LitBigModelError",
+    "LossTerms",
     "MissingPathError",
+    "Objective",
     "OutputExistsError",
     "SFTModule",
     "SeqGANModule",

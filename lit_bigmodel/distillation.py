@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel._checks import check_number
 from lit_bigmodel._sharding import hf_zero3_loading
-from lit_bigmodel.datamodules.packing import IGNORE_INDEX
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
-from lit_bigmodel.losses import DISTILLATION_LOSSES, attention_loss, distillation_loss, hidden_state_loss
-from lit_bigmodel.nets.builders import ModelSource, Task, build_model
-from lit_bigmodel.schedules import ModuleScheduleName
+from lit_bigmodel.losses import DISTILLATION_LOSSES, IGNORE_INDEX
+from lit_bigmodel.nets.builders import ModelSource, build_model
+from lit_bigmodel.objectives import DistillationObjective
 from lit_bigmodel.sft import SFTModule
 
 DistillLoss = Literal["forward_kl", "reverse_kl", "jsd", "mse"]
@@ -25,31 +25,47 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 class DistillationModule(SFTModule):
     """Train a student on ``alpha · hard-label loss + (1 − alpha) · distillation loss`` from a frozen teacher.
 
+    An `SFTModule` whose objective is a `DistillationObjective` composing the hard-label objective
+    (``objective=``, default the task's) with the distillation terms; every other argument is
+    `SFTModule`'s (``learning_rate``, ``compile``, ``gradient_checkpointing``, ``padding_free``, ...)
+    and means the same for the student. ``chunked_loss`` does not apply: the distillation term needs
+    the student's full logits, and the hard-label term is computed from them.
+
     The teacher is built in ``configure_model`` like the student, then frozen: eval mode, no
     gradients, never in the optimizer, forward under ``torch.no_grad`` (optionally in bfloat16).
     For causal LMs only completion tokens count (the datamodules' labels); for classifiers every
-    example counts. Extra terms: hidden-state matching through ``hidden_layer_map`` (student layer →
-    teacher layer, 0 = embeddings; a learned projection where widths differ) and attention-map KL
-    through ``attention_layer_map`` (1-based transformer layers; heads must align). With
-    ``on_policy_fraction`` λ > 0 (causal LM), a fraction λ of training batches replaces the
+    example counts; gradient accumulation and ranks are weighted by those units, as in `SFTModule`.
+    Extra terms: hidden-state matching through ``hidden_layer_map`` (student layer → teacher layer,
+    0 = embeddings; a learned projection where widths differ) and attention-map KL through
+    ``attention_layer_map`` (1-based transformer layers; the mapped layers must have as many heads).
+    With ``on_policy_fraction`` λ > 0 (causal LM), a fraction λ of training batches replaces the
     completions with the student's own samples and uses the distillation loss alone (GKD).
 
     Offline mode: ``teacher=None`` and a `TeacherLogitsDataModule`, whose batches carry the
     teacher's cached top-k logits; the teacher is never in memory during training.
 
-    Validation, test, ``generate`` and ``export`` act on the student (`SFTModule`'s).
+    Validation, test, ``generate`` and ``export`` act on the student (`SFTModule`'s); ``val/loss`` is
+    the hard-label loss.
 
     Args:
         student, teacher: a ``save_pretrained`` directory, a ``PretrainedConfig`` or a factory.
+        teacher_tokenizer: checked against the student's tokenizer (same vocabulary, same ids).
         alpha: weight of the hard-label loss, in [0, 1].
         temperature: softening of both distributions (> 0); the loss is scaled by T².
         loss: ``"forward_kl"``, ``"reverse_kl"``, ``"jsd"`` (generalized, with ``beta``) or ``"mse"``.
+        beta: the generalized JSD's interpolation, in [0, 1].
         top_k: compare over the teacher's top-k tokens only.
-        teacher_tokenizer: checked against the student's tokenizer (same vocabulary, same ids).
+        hidden_layer_map, hidden_loss, hidden_weight: hidden-state matching (``"mse"`` or ``"cosine"``).
+        attention_layer_map, attention_weight: attention-map matching.
+        on_policy_fraction: the fraction λ of on-policy batches, in [0, 1].
         teacher_dtype: ``"bfloat16"`` (or ``"float16"``) to run the teacher at lower precision.
+        seed: seeds the on-policy draws (by step, so a resumed run draws alike).
+        **kwargs: `SFTModule`'s arguments (``task``, ``tokenizer``, ``learning_rate``, ``compile``, ...).
 
     Raises:
-        ConfigurationError: invalid arguments; vocabularies that differ; layer maps out of range.
+        ConfigurationError: invalid arguments (this module's and `SFTModule`'s, reported together);
+            vocabularies that differ; layer maps out of range; mapped attention layers whose head
+            counts differ (in ``configure_model``).
 
     Example::
 
@@ -63,9 +79,6 @@ class DistillationModule(SFTModule):
         self,
         student: ModelSource,
         teacher: ModelSource | None,
-        task: Task = "causal_lm",
-        num_labels: int | None = None,
-        tokenizer: str | PreTrainedTokenizerBase | None = None,
         teacher_tokenizer: str | PreTrainedTokenizerBase | None = None,
         alpha: float = 0.5,
         temperature: float = 2.0,
@@ -80,61 +93,49 @@ class DistillationModule(SFTModule):
         on_policy_fraction: float = 0.0,
         teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
         seed: int = 0,
-        learning_rate: float = 5e-5,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int | float = 0.05,
-        lr_schedule: ModuleScheduleName = "cosine",
-        min_lr_ratio: float = 0.0,
-        generate_eval: bool = True,
-        max_new_tokens: int = 32,
+        **kwargs: Any,
     ) -> None:
-        problems = []
-        if not 0.0 <= alpha <= 1.0:
-            problems.append(f"`alpha` must be in [0, 1], got {alpha!r}.")
-        if not temperature > 0:
-            problems.append(f"`temperature` must be > 0, got {temperature!r}.")
+        problems = [
+            problem
+            for problem in (
+                check_number("alpha", alpha, low=0, high=1),
+                check_number("temperature", temperature, low=0, low_open=True),
+                check_number("beta", beta, low=0, high=1),
+                None if top_k is None else check_number("top_k", top_k, low=1, integer=True),
+                check_number("hidden_weight", hidden_weight, low=0),
+                check_number("attention_weight", attention_weight, low=0),
+                check_number("on_policy_fraction", on_policy_fraction, low=0, high=1),
+                check_number("seed", seed, integer=True),
+            )
+            if problem is not None
+        ]
         if loss not in DISTILLATION_LOSSES:
             problems.append(f"`loss` must be one of {DISTILLATION_LOSSES}, got {loss!r}.")
-        if not 0.0 <= beta <= 1.0:
-            problems.append(f"`beta` must be in [0, 1], got {beta!r}.")
-        if top_k is not None and top_k < 1:
-            problems.append(f"`top_k` must be >= 1 or None, got {top_k!r}.")
         if hidden_loss not in ("mse", "cosine"):
             problems.append(f"`hidden_loss` must be 'mse' or 'cosine', got {hidden_loss!r}.")
-        if hidden_weight < 0 or attention_weight < 0:
-            problems.append(
-                f"`hidden_weight` and `attention_weight` must be >= 0, got {hidden_weight!r}, {attention_weight!r}."
-            )
         for name, layer_map in (("hidden_layer_map", hidden_layer_map), ("attention_layer_map", attention_layer_map)):
             if layer_map is not None and any(int(k) < 0 or int(v) < 0 for k, v in layer_map.items()):
                 problems.append(f"`{name}` must map non-negative layer indices, got {dict(layer_map)!r}.")
-        if not 0.0 <= on_policy_fraction <= 1.0:
-            problems.append(f"`on_policy_fraction` must be in [0, 1], got {on_policy_fraction!r}.")
+        task = kwargs.get("task", "causal_lm")
         if on_policy_fraction > 0 and task != "causal_lm":
             problems.append("`on_policy_fraction` > 0 needs task='causal_lm' (the student samples completions).")
+        if on_policy_fraction > 0 and kwargs.get("padding_free"):
+            problems.append("`on_policy_fraction` > 0 needs padding_free=False (the student samples per example).")
         if teacher_dtype is not None and teacher_dtype not in _DTYPES:
             problems.append(f"`teacher_dtype` must be one of {tuple(_DTYPES)} or None, got {teacher_dtype!r}.")
+        try:
+            super().__init__(student, **kwargs)
+        except ConfigurationError as err:  # one message for every problem, SFTModule's first
+            raise ConfigurationError(" ".join([str(err), *problems])) from None
         if problems:
             raise ConfigurationError(" ".join(problems))
-        super().__init__(
-            student, task=task, num_labels=num_labels, tokenizer=tokenizer, learning_rate=learning_rate,
-            weight_decay=weight_decay, betas=betas, warmup_steps=warmup_steps, lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio, generate_eval=generate_eval, max_new_tokens=max_new_tokens,
-        )  # fmt: skip
-        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "teacher_tokenizer"])
+        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "teacher_tokenizer", "objective"])
         self.teacher_source = teacher
         self.teacher_tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer is not None else None
-        self.alpha = alpha
-        self.temperature = temperature
-        self.loss_kind = loss
-        self.beta = beta
-        self.top_k = top_k
-        self.hidden_layer_map = {int(k): int(v) for k, v in (hidden_layer_map or {}).items()}
-        self.hidden_loss_kind = hidden_loss
-        self.hidden_weight = hidden_weight if self.hidden_layer_map else 0.0
-        self.attention_layer_map = {int(k): int(v) for k, v in (attention_layer_map or {}).items()}
-        self.attention_weight = attention_weight if self.attention_layer_map else 0.0
+        self.objective = DistillationObjective(
+            self.objective, alpha, temperature, loss, beta, top_k, hidden_layer_map, hidden_loss, hidden_weight,
+            attention_layer_map, attention_weight,
+        )  # fmt: skip
         self.on_policy_fraction = on_policy_fraction
         self.teacher_dtype = teacher_dtype
         self.seed = seed
@@ -154,7 +155,7 @@ class DistillationModule(SFTModule):
                 teacher.to(_DTYPES[self.teacher_dtype])
             self.teacher = self.shard_for_fsdp2(teacher).eval()
             self._check_vocabularies()
-        if self.attention_weight > 0:
+        if cast(DistillationObjective, self.objective).attention_weight > 0:
             for network in (self.model, self.teacher):
                 if network is not None and hasattr(network, "set_attn_implementation"):
                     network.set_attn_implementation("eager")  # SDPA kernels do not return attention maps
@@ -179,7 +180,9 @@ class DistillationModule(SFTModule):
             )
 
     def _check_layer_maps_and_build_projections(self) -> None:
-        if not self.hidden_layer_map and not self.attention_layer_map:
+        objective = cast(DistillationObjective, self.objective)
+        hidden_map, attention_map = objective.hidden_layer_map, objective.attention_layer_map
+        if not hidden_map and not attention_map:
             return
         if self.teacher is None:
             raise ConfigurationError(
@@ -187,20 +190,25 @@ class DistillationModule(SFTModule):
             )
         s_layers, t_layers = _num_layers(self.model), _num_layers(self.teacher)
         problems = []
-        for name, layer_map, low in (
-            ("hidden_layer_map", self.hidden_layer_map, 0),
-            ("attention_layer_map", self.attention_layer_map, 1),
-        ):
+        for name, layer_map, low in (("hidden_layer_map", hidden_map, 0), ("attention_layer_map", attention_map, 1)):
             for s, t in layer_map.items():
                 if not (low <= s <= s_layers and low <= t <= t_layers):
                     problems.append(
                         f"`{name}` maps student layer {s} to teacher layer {t}, but the student has layers "
                         f"{low}..{s_layers} and the teacher {low}..{t_layers}."
                     )
+        if attention_map:
+            s_heads, t_heads = _num_heads(self.model), _num_heads(self.teacher)
+            if s_heads != t_heads:
+                problems.append(
+                    f"`attention_layer_map` {attention_map!r} compares attention maps head by head, but the student "
+                    f"has {s_heads} heads and the teacher {t_heads} heads per layer: map only models with equal "
+                    "head counts, or leave attention_layer_map unset."
+                )
         if problems:
             raise ConfigurationError(" ".join(problems))
         s_width, t_width = _width(self.model), _width(self.teacher)
-        for s in self.hidden_layer_map:
+        for s in hidden_map:
             # Under FSDP2, which puts no wrapper around the module, an unsharded projection would get no
             # gradient all-reduce: each is sharded like the networks (a no-op under other strategies).
             self.projections[str(s)] = (
@@ -217,75 +225,10 @@ class DistillationModule(SFTModule):
         return self
 
     # ------------------------------------------------------------------ training
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch``, or with probability ``on_policy_fraction`` the student's samples, marked ``on_policy``."""
         batch, on_policy = self._maybe_on_policy(batch)
-        inputs = self.model_inputs(batch)
-        want_hidden, want_attention = self.hidden_weight > 0, self.attention_weight > 0
-        student = self.model(**inputs, output_hidden_states=want_hidden, output_attentions=want_attention)
-        teacher_logits, teacher_indices, teacher = self._teacher_outputs(batch, inputs, want_hidden, want_attention)
-
-        if self.task == "causal_lm":
-            # position t predicts token t + 1: compare the predictions whose target is a completion token
-            mask = batch["labels"][:, 1:] != IGNORE_INDEX  # (B, T-1)
-            s_logits, t_logits = student.logits[:, :-1], teacher_logits[:, :-1]
-            t_indices = teacher_indices[:, :-1] if teacher_indices is not None else None
-        else:
-            mask, s_logits, t_logits, t_indices = None, student.logits, teacher_logits, teacher_indices
-        soft = distillation_loss(
-            s_logits, t_logits, self.loss_kind, self.temperature, self.beta, mask, self.top_k, t_indices
-        )  # fmt: skip
-        alpha = 0.0 if on_policy else self.alpha  # sampled completions have no ground truth
-        loss = (1 - alpha) * soft
-        logs = {"train/distill_loss": soft}
-        if alpha > 0:
-            hard = self.loss_from_logits(student.logits, batch)
-            loss = loss + alpha * hard
-            logs["train/hard_loss"] = hard
-        token_mask = (
-            batch["attention_mask"].bool()
-            if self.task == "sequence_classification"
-            else (batch["labels"] != IGNORE_INDEX)
-        )
-        if want_hidden:
-            hidden = torch.stack(
-                [
-                    hidden_state_loss(
-                        self.projections[str(s)](student.hidden_states[s]),
-                        teacher.hidden_states[t],
-                        self.hidden_loss_kind,
-                        token_mask,
-                    )
-                    for s, t in self.hidden_layer_map.items()
-                ]
-            ).sum()
-            loss = loss + self.hidden_weight * hidden
-            logs["train/hidden_loss"] = hidden
-        if want_attention:
-            query_mask = batch["attention_mask"].bool()
-            attention = torch.stack(
-                [
-                    attention_loss(student.attentions[s - 1], teacher.attentions[t - 1], query_mask)
-                    for s, t in self.attention_layer_map.items()
-                ]
-            ).sum()
-            loss = loss + self.attention_weight * attention
-            logs["train/attention_loss"] = attention
-        self.log_dict(logs, prog_bar=False)
-        self.log("train/loss", loss, prog_bar=True)
-        return loss
-
-    def _teacher_outputs(
-        self, batch: dict[str, torch.Tensor], inputs: dict[str, torch.Tensor], hidden: bool, attention: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
-        if self.teacher is None:
-            if "teacher_topk_values" not in batch:
-                raise ConfigurationError(
-                    "teacher=None needs batches with cached teacher logits: wrap the datamodule in TeacherLogitsDataModule."
-                )
-            return batch["teacher_topk_values"], batch["teacher_topk_indices"], None
-        with torch.no_grad():
-            teacher = self.teacher(**inputs, output_hidden_states=hidden, output_attentions=attention)
-        return teacher.logits, None, teacher
+        return {**batch, "on_policy": True} if on_policy else batch  # type: ignore[dict-item]
 
     def _maybe_on_policy(self, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
         """With probability λ (seeded by the step, so resume is exact), swap completions for student samples."""
@@ -358,3 +301,14 @@ def _width(model: nn.Module) -> int:
         if isinstance(value, int):
             return value
     raise ConfigurationError(f"cannot tell the hidden width of {type(model).__name__} (no hidden_size in its config).")
+
+
+def _num_heads(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    for name in ("num_attention_heads", "n_head", "num_heads"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ConfigurationError(
+        f"cannot tell how many attention heads {type(model).__name__} has (no num_attention_heads in its config)."
+    )

@@ -221,7 +221,7 @@ def distillation_loss(
 
     Example::
 
-        loss = distillation_loss(s_logits, t_logits, "jsd", temperature=2.0, beta=0.5, mask=labels != -100)
+        loss = distillation_loss(s_logits, t_logits, "jsd", temperature=2.0, beta=0.5, mask=labels != IGNORE_INDEX)
     """
     if not temperature > 0:
         raise ValueError(f"`temperature` must be > 0, got {temperature!r}.")

@@ -2,70 +2,75 @@
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from typing import Any, cast
 
 import lightning as L
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MeanMetric, Metric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
-from lit_bigmodel._rng import restore_rng_states, rng_states
+from lit_bigmodel._checks import check_number
+from lit_bigmodel._rng import PendingRandomState
 from lit_bigmodel._sharding import (
     full_state_dict,
     hf_zero3_loading,
     is_fsdp2,
     offloads_optimizer,
     shards_parameters,
-    zero_stage,
 )
-from lit_bigmodel.datamodules.packing import block_causal_mask
+from lit_bigmodel.datamodules.packing import packed_attention_inputs
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.export import CHECKPOINT_KEY, check_target, export_info, write_pretrained
-from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from lit_bigmodel.losses import IGNORE_INDEX
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
-from lit_bigmodel.schedules import ModuleScheduleName
+from lit_bigmodel.objectives import CausalLMObjective, ClassificationObjective, Objective, Step, UnitWeighting
+from lit_bigmodel.schedules import LRSchedule, ModuleScheduleName, callback_sets_learning_rate
 
 _TASKS = ("causal_lm", "sequence_classification")
 _SCHEDULES = ("cosine", "linear", "constant")
-_TrainLoss = Callable[[dict[str, Any], dict[str, torch.Tensor]], torch.Tensor]  # (model inputs, batch) -> loss
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# config fields of causal LMs that transform the logits after the LM head (the chunked loss would skip them)
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 class SFTModule(L.LightningModule):
     """Supervised fine-tuning of a Hugging Face model, for causal LMs and sequence classifiers.
 
-    Causal LM: the loss is next-token cross-entropy on the labelled tokens only (the datamodules
-    label prompts -100, as TRL's completion-only loss). Validation / test report loss, perplexity,
-    token accuracy and, when batches carry prompts, the exact match of greedy generations.
-    Classification: cross-entropy, accuracy and macro F1.
+    The training loss is one component, ``objective`` (`lit_bigmodel.objectives`): by default
+    `CausalLMObjective` (next-token cross-entropy on the labelled tokens only; the datamodules label
+    prompts -100, as TRL's completion-only loss) or `ClassificationObjective` (cross-entropy).
+    Validation / test report the objective's loss (its `Objective.from_logits`) and, for a causal LM,
+    perplexity, token accuracy and, when batches carry prompts, the exact match of greedy
+    generations; for a classifier, accuracy and macro F1.
+
+    Custom loss: pass ``objective=`` an `Objective` subclass (implement ``from_logits``; ``bind`` if it
+    needs more than the logits). That is the one override point; `DistillationModule` composes it.
+
+    Gradient accumulation and data parallelism weight by units (labelled tokens, or examples): ``k``
+    accumulated micro-batches on ``n`` ranks give the gradients of one batch holding all of them
+    (`UnitWeighting`; under DeepSpeed, each micro-batch's mean). ``train/loss`` is each batch's mean.
 
     The network is built in ``configure_model`` (so FSDP / DeepSpeed ZeRO-3 can shard it at
     creation) from a local directory, a ``PretrainedConfig`` (fresh weights; vocabulary size and
     special-token ids from the tokenizer) or a factory returning an ``nn.Module``. Without a
     ``tokenizer`` argument the datamodule's ``tokenizer`` is used.
 
-    Optimizer: AdamW (fused on CUDA), no weight decay on biases, norms and embeddings; learning
-    rate warmed up linearly for ``warmup_steps`` optimizer steps (a float < 1 is a fraction of the
-    run), then decayed (``lr_schedule``) to ``min_lr_ratio`` × ``learning_rate``.
+    Optimizer: AdamW (fused on CUDA), no weight decay on biases, norms and embeddings. The learning
+    rate follows `lit_bigmodel.schedules.LRSchedule`: warmed up linearly over ``warmup_steps``
+    optimizer steps (step t gets (t+1)/W × ``learning_rate``; a float < 1 is a fraction of the run),
+    then decayed (``lr_schedule``) to ``min_lr_ratio`` × ``learning_rate``. Who owns the rate: when
+    the Trainer holds a callback that sets it (`lit_bigmodel.callbacks.LRDecay`), that callback
+    does, from ``learning_rate``, and the module installs no scheduler of its own.
 
     Fast path (training step): the causal-LM loss is computed from the network's final hidden
-    states and its LM head in chunks, never holding full-vocabulary float32 logits
-    (`chunked_causal_lm_loss`; same value and gradients as `causal_lm_loss`); the step's network
-    computation is compiled with ``torch.compile`` on CUDA; the step makes no host sync (the
-    progress-bar copy of the loss is refreshed every ``log_every_n_steps`` steps only). The chunked
-    loss steps aside, with one info line, when a subclass overrides `loss_from_logits` or when the
-    network is not a Hugging Face causal LM whose logits are ``head(base_model(...))``.
+    states and its LM head in chunks (``chunked_loss``, see `CausalLMObjective`); the objective's
+    computation, network included, is compiled with ``torch.compile`` on CUDA; the step makes no
+    host sync (the progress-bar copy of the loss is refreshed every ``log_every_n_steps`` steps only).
     Data loading: the datamodules pin memory on CUDA; set their ``num_workers`` > 0 to prefetch.
 
     Args:
@@ -80,7 +85,7 @@ class SFTModule(L.LightningModule):
             where the network holds sharded parameters; ``True`` / ``False``; or a mode,
             one of ``"default"``, ``"reduce-overhead"``, ``"max-autotune"``, ``"max-autotune-no-cudagraphs"``.
         chunked_loss: causal LM only: compute the training loss without materialising the
-            ``(B, T, V)`` logits (see above). ``False`` uses `loss_from_logits` on the full logits.
+            ``(B, T, V)`` logits (`CausalLMObjective`'s ``chunked``); ``False``: from the full logits.
         loss_chunk_size: tokens per chunk of the chunked loss (memory ∝ chunk × vocabulary).
         gradient_checkpointing: recompute activations in backward to save memory (the network's
             ``gradient_checkpointing_enable``, non-reentrant).
@@ -90,6 +95,8 @@ class SFTModule(L.LightningModule):
             (variable-length kernels); with ``"sdpa"`` / ``"eager"`` attention it is correct but
             builds an ``(N, N)`` mask over all N tokens of the batch, so prefer the datamodules'
             ``packing=True`` there.
+        objective: the training objective (see above); None: the task's default, built from
+            ``chunked_loss`` and ``loss_chunk_size``.
 
     Raises:
         ConfigurationError: an invalid argument (named in the message).
@@ -124,36 +131,37 @@ class SFTModule(L.LightningModule):
         loss_chunk_size: int = 4096,
         gradient_checkpointing: bool = False,
         padding_free: bool = False,
+        objective: Objective | None = None,
     ) -> None:
         super().__init__()
-        problems = []
+        problems = [
+            problem
+            for problem in (
+                None if num_labels is None else check_number("num_labels", num_labels, low=2, integer=True),
+                check_number("learning_rate", learning_rate, low=0, low_open=True),
+                check_number("weight_decay", weight_decay, low=0),
+                check_number("warmup_steps", warmup_steps, low=0),
+                check_number("min_lr_ratio", min_lr_ratio, low=0, high=1),
+                check_number("max_new_tokens", max_new_tokens, low=1, integer=True),
+                check_number("loss_chunk_size", loss_chunk_size, low=1, integer=True),
+            )
+            if problem is not None
+        ]
         if task not in _TASKS:
-            problems.append(f"`task` must be one of {_TASKS}, got {task!r}.")
-        if num_labels is not None and num_labels < 2:
-            problems.append(f"`num_labels` must be >= 2 or None, got {num_labels!r}.")
-        if not learning_rate > 0:
-            problems.append(f"`learning_rate` must be > 0, got {learning_rate!r}.")
-        if weight_decay < 0:
-            problems.append(f"`weight_decay` must be >= 0, got {weight_decay!r}.")
-        if len(betas) != 2 or not all(0 <= beta < 1 for beta in betas):
+            problems.insert(0, f"`task` must be one of {_TASKS}, got {task!r}.")
+        if len(betas) != 2 or any(check_number("betas", beta, low=0, high=1, high_open=True) for beta in betas):
             problems.append(f"`betas` must be two numbers in [0, 1), got {betas!r}.")
-        if warmup_steps < 0:
-            problems.append(f"`warmup_steps` must be >= 0 (steps, or a fraction < 1 of the run), got {warmup_steps!r}.")
         if lr_schedule not in _SCHEDULES:
             problems.append(f"`lr_schedule` must be one of {_SCHEDULES}, got {lr_schedule!r}.")
-        if not 0 <= min_lr_ratio <= 1:
-            problems.append(f"`min_lr_ratio` must be in [0, 1], got {min_lr_ratio!r}.")
-        if max_new_tokens < 1:
-            problems.append(f"`max_new_tokens` must be >= 1, got {max_new_tokens!r}.")
         if not (compile is None or isinstance(compile, bool) or compile in _COMPILE_MODES):
             problems.append(f"`compile` must be None, True, False or one of {_COMPILE_MODES}, got {compile!r}.")
-        if isinstance(loss_chunk_size, bool) or not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
-            problems.append(f"`loss_chunk_size` must be an integer >= 1, got {loss_chunk_size!r}.")
         if padding_free and task != "causal_lm":
             problems.append(f"`padding_free=True` needs task='causal_lm', got task={task!r}.")
+        if objective is not None and not isinstance(objective, Objective):
+            problems.append(f"`objective` must be an Objective (lit_bigmodel.objectives) or None, got {objective!r}.")
         if problems:
             raise ConfigurationError(" ".join(problems))
-        self.save_hyperparameters(ignore=["model", "tokenizer"])
+        self.save_hyperparameters(ignore=["model", "tokenizer", "objective"])
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = (float(betas[0]), float(betas[1]))
@@ -173,10 +181,16 @@ class SFTModule(L.LightningModule):
         self.gradient_checkpointing = gradient_checkpointing
         self.padding_free = padding_free
         self.metrics = nn.ModuleDict()
-        self._pending_rng_states: dict[str, Any] | None = None
+        self._random_state = PendingRandomState()
         self._export_info: dict[str, Any] | None = None
-        self._train_loss: _TrainLoss | None = None
-        self._train_loss_key: int | None = None  # id() of the network `_train_loss` was built for
+        if objective is None:
+            objective = (
+                CausalLMObjective(chunked_loss, loss_chunk_size) if task == "causal_lm" else ClassificationObjective()
+            )
+        self.objective: Objective = objective
+        self._step: Step | None = None  # the objective bound to the network (compiled if asked)
+        self._step_key: int | None = None  # id() of the network `_step` was built for
+        self._unit_weighting = UnitWeighting()
         if padding_free:
             # An instance hook, not a class override: Lightning warns about an overridden batch-transfer hook
             # whenever a datamodule is used, so only modules that flatten batches carry one.
@@ -184,6 +198,7 @@ class SFTModule(L.LightningModule):
 
     # ------------------------------------------------------------------ building
     def setup(self, stage: str) -> None:
+        self._unit_weighting = UnitWeighting()  # decided again for this fit's strategy
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if self.tokenizer is None and datamodule is not None:
             self.tokenizer = getattr(datamodule, "tokenizer", None)
@@ -277,9 +292,8 @@ class SFTModule(L.LightningModule):
         kwargs: dict[str, Any] = {"input_ids": input_ids}
         if "attention_mask" in batch:  # absent: no padding (random-token benchmarks, padding-free rows)
             kwargs["attention_mask"] = batch["attention_mask"]
-        if "document_ids" in batch:  # packed rows
-            kwargs["attention_mask"] = block_causal_mask(batch["document_ids"])  # (B, 1, T, T)
-            kwargs["position_ids"] = batch["position_ids"]
+        if "document_ids" in batch:  # packed rows: a mask (flash: boundaries) that keeps the examples apart
+            kwargs.update(packed_attention_inputs(batch["document_ids"], batch["position_ids"], self.model))
         elif "position_ids" in batch:  # padding-free: one row, positions restart at every example
             kwargs["position_ids"] = batch["position_ids"]
             kwargs["use_cache"] = False  # with a cache, Hugging Face models do not look for packed sequences
@@ -291,37 +305,36 @@ class SFTModule(L.LightningModule):
             kwargs["token_type_ids"] = batch["token_type_ids"]
         return kwargs
 
-    def loss_from_logits(self, logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss; override this one hook to change the objective."""
-        if self.task == "causal_lm":
-            return causal_lm_loss(logits, batch["labels"])[0]
-        return F.cross_entropy(logits.float(), batch["labels"])
-
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The training loss of ``batch``: the override point for objectives that need more than the logits.
+        """The objective's mean loss of ``batch``, computed as the training step does (fast path, compile)."""
+        return self._objective_step()(self.model_inputs(batch), batch).mean
 
-        By default `loss_from_logits` on the network's logits, or, for a causal LM with
-        ``chunked_loss=True`` and no override of `loss_from_logits`, the same loss from the final
-        hidden states without the full logits; compiled when ``compile`` says so.
-        """
-        if self._train_loss is None or self._train_loss_key != id(self.model):
-            self._train_loss = self._build_train_loss()
-            self._train_loss_key = id(self.model)
-        return self._train_loss(self.model_inputs(batch), batch)
+    def training_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch the objective trains on (``batch`` itself; `DistillationModule` swaps in on-policy samples)."""
+        return batch
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self._log_train_loss(loss, batch)
-        return loss
+        batch = self.training_batch(batch)
+        terms = self._objective_step()(self.model_inputs(batch), batch)
+        mean = terms.mean
+        self._log_train_loss(mean.detach(), terms.logs, batch)
+        return self._unit_weighting.loss(terms, mean, self._trainer, self.automatic_optimization)
 
-    def _log_train_loss(self, loss: torch.Tensor, batch: dict[str, torch.Tensor]) -> None:
+    def _log_train_loss(
+        self, loss: torch.Tensor, logs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+    ) -> None:
         batch_size = batch["input_ids"].shape[0]
+        if logs:
+            self.log_dict(logs, batch_size=batch_size)
         self.log("train/loss", loss, batch_size=batch_size)  # kept on the device: loggers read it every n steps
         # Lightning turns progress-bar values into numbers after every step (.item(), a host sync on CUDA),
         # so the progress bar gets a CPU copy, refreshed when the loggers write.
         every = getattr(self._trainer, "log_every_n_steps", 1) or 1
         if self.global_step % every == 0:
-            self.log("loss", loss.detach().cpu(), prog_bar=True, logger=False, batch_size=batch_size)
+            self.log("loss", loss.cpu(), prog_bar=True, logger=False, batch_size=batch_size)
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._unit_weighting.scale_gradients(self.trainer, self.parameters())
 
     def _flatten_training_batch(self, batch: Any, dataloader_idx: int) -> Any:
         """``on_before_batch_transfer`` with ``padding_free=True``: flatten training batches on the host."""
@@ -329,61 +342,30 @@ class SFTModule(L.LightningModule):
             batch = flatten_batch(batch, max_positions(self.model) if self.model is not None else None)
         return batch
 
-    def _build_train_loss(self) -> _TrainLoss:
-        """The function ``(model inputs, batch) -> loss`` of the training step, compiled if asked."""
-        network = self.model
-        attention = str(getattr(getattr(network, "config", None), "_attn_implementation", ""))
+    def _objective_step(self) -> Step:
+        """The objective bound to the current network, compiled if ``compile`` says so (built once per network)."""
+        if self._step is not None and self._step_key == id(self.model):
+            return self._step
+        attention = str(getattr(getattr(self.model, "config", None), "_attn_implementation", ""))
         if self.padding_free and "flash" not in attention:
             rank_zero_warn(
                 f"`padding_free=True` with attn_implementation={attention!r}: the model masks the flattened row "
                 "with an (N, N) block mask, slower than the datamodule's `packing=True`; use flash_attention_2."
             )
-        head_and_body = self._chunked_loss_parts()
-        if head_and_body is not None:
-            body, head = head_and_body
-            chunk_size = self.loss_chunk_size
-
-            # `use_cache` stays the model's default: with use_cache=False and no attention mask, transformers 5
-            # checks the position ids for packed sequences, which under torch.compile builds a (B, 1, T, T) mask
-            # and so gives up SDPA's flash kernel (is_causal=True).
-            def train_loss(inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                hidden = body(**inputs).last_hidden_state  # (B, T, D)
-                return chunked_causal_lm_loss(hidden, head.weight, batch["labels"], chunk_size)[0]
-
-        else:
-
-            def train_loss(inputs: dict[str, Any], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-                return self.loss_from_logits(network(**inputs).logits, batch)
-
+        step = self.objective.bind(self)
         compile_mode = self.compile_mode
         if compile_mode is None:  # on CUDA, and not where the network's parameters are sharded (untested there)
             compile_mode = self.device.type == "cuda" and not shards_parameters(self._trainer)
-        if compile_mode is False:
-            return train_loss
-        mode = compile_mode if isinstance(compile_mode, str) and compile_mode != "default" else None
-        return cast(_TrainLoss, torch.compile(train_loss, mode=mode))
-
-    def _chunked_loss_parts(self) -> tuple[nn.Module, nn.Linear] | None:
-        """``(body, head)`` when the chunked loss applies to this module and network, else None (said once)."""
-        if not self.chunked_loss or self.task != "causal_lm":
-            return None
-        if type(self).loss_from_logits is not SFTModule.loss_from_logits:
-            rank_zero_info(f"{type(self).__name__} overrides `loss_from_logits`: training uses the full logits.")
-            return None
-        if zero_stage(self._trainer) == 3 or is_fsdp2(self._trainer):
-            # The head's weight is read outside the head's forward: ZeRO-3 and FSDP2 hold only a shard of it there.
-            rank_zero_info("`chunked_loss` falls back to the full-logits loss under ZeRO-3 / FSDP2.")
-            return None
-        parts = _body_and_head(self.model)
-        if isinstance(parts, str):
-            rank_zero_info(f"`chunked_loss` falls back to the full-logits loss: {parts}.")
-            return None
-        return parts
+        if compile_mode is not False:
+            mode = compile_mode if isinstance(compile_mode, str) and compile_mode != "default" else None
+            step = cast(Step, torch.compile(step, mode=mode))
+        self._step, self._step_key = step, id(self.model)
+        return step
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state = dict(state)  # compiled functions and closures do not pickle (ddp_spawn pickles the module)
-        state["_train_loss"] = state["_train_loss_key"] = None
+        state["_step"] = state["_step_key"] = None
         return state
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -395,9 +377,9 @@ class SFTModule(L.LightningModule):
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
         metrics = self._metrics(stage)
         logits = self(batch)
+        terms = self.objective.from_logits(logits, batch)
+        metrics["loss"].update(terms.mean, weight=terms.units)
         if self.task == "causal_lm":
-            loss, num_tokens = causal_lm_loss(logits, batch["labels"])
-            metrics["loss"].update(loss, weight=num_tokens)
             labels = batch["labels"][:, 1:]  # (B, T-1)
             labelled = labels != IGNORE_INDEX
             correct = logits[:, :-1].argmax(-1) == labels
@@ -406,7 +388,6 @@ class SFTModule(L.LightningModule):
                 metrics["exact_match"].update(self._exact_match(batch).float())
         else:
             labels = batch["labels"]
-            metrics["loss"].update(F.cross_entropy(logits.float(), labels), weight=labels.numel())
             metrics["accuracy"].update(logits, labels)
             metrics["f1"].update(logits, labels)
 
@@ -540,15 +521,17 @@ class SFTModule(L.LightningModule):
         else:
             fused = all(p.is_cuda for p in decay + no_decay)
             optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused or None)
+        if callback_sets_learning_rate(self.trainer, 0):  # a callback (LRDecay) owns the rate: lit_bigmodel.schedules
+            return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_steps * total) if self.warmup_steps < 1 else int(self.warmup_steps)
-        schedule = _warmup_decay(warmup, total, self.lr_schedule, self.min_lr_ratio)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        schedule = LRSchedule(self.lr_schedule, warmup_steps=warmup, total_steps=total, min_lr=self.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule.lr(step, 1.0))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["lit_bigmodel_rng_states"] = rng_states()
+        self._random_state.save(checkpoint)
         if self.model is not None:  # for `lit-bigmodel export CKPT OUT`: the config and tokenizer, not only weights
             if self._export_info is None:
                 network = getattr(self.model, "_orig_mod", self.model)
@@ -557,73 +540,7 @@ class SFTModule(L.LightningModule):
                 checkpoint[CHECKPOINT_KEY] = self._export_info
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._pending_rng_states = checkpoint.get("lit_bigmodel_rng_states")
+        self._random_state.load(checkpoint)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restored here, not at load time: creating the data iterator in between draws random numbers.
-        if self._pending_rng_states is not None:
-            restore_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
-
-
-def _warmup_decay(warmup: int, total: int, schedule: str, min_ratio: float) -> Any:
-    """Learning-rate factor at step ``t``: linear warmup to 1, then ``schedule`` down to ``min_ratio``."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        shape = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
-        return min_ratio + (1 - min_ratio) * shape
-
-    return factor
-
-
-def _body_and_head(model: Any) -> tuple[nn.Module, nn.Linear] | str:
-    """The network's body (hidden states) and bias-free linear LM head, or why the chunked loss cannot use them.
-
-    Hugging Face causal LMs compute ``logits = get_output_embeddings()(base_model(...).last_hidden_state)``
-    (GPT-2 with its tied embedding, Llama with its own head, ...). Models that transform the logits
-    afterwards are recognised from their config and, where the weights are materialised, by
-    comparing both ways on a few tokens once.
-    """
-    get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
-    if not isinstance(head, nn.Linear) or head.bias is not None:
-        return f"{type(model).__name__} has no bias-free nn.Linear LM head (get_output_embeddings)"
-    body = getattr(model, "base_model", None)
-    if not isinstance(body, nn.Module) or body is model:
-        return f"{type(model).__name__} has no base model separate from its LM head"
-    config = getattr(model, "config", None)
-    for name in _LOGIT_TRANSFORMS:
-        value = getattr(config, name, None)
-        if value is not None and value != 1:
-            return f"its config sets `{name}`={value!r}, a transform of the logits after the head"
-    if getattr(head.weight, "ds_id", None) is not None:
-        return "DeepSpeed ZeRO-3 partitions the LM head's weight outside the head's forward"
-    reason = _check_head_and_body(model, body, head)
-    return reason if reason is not None else (body, head)
-
-
-@torch.no_grad()
-def _check_head_and_body(model: Any, body: nn.Module, head: nn.Linear) -> str | None:
-    """None if ``head(body(x))`` equals ``model(x).logits`` on a few tokens (or cannot be checked here)."""
-    weight = head.weight
-    if weight.is_meta or weight.numel() == 0 or type(weight) is not nn.Parameter:
-        return None  # not materialised here (meta / sharded): the structure has to do
-    input_ids = (torch.arange(8, device=weight.device) % head.out_features)[None]  # (1, 8)
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()  # no dropout, so both ways compute the same function
-    try:
-        expected = model(input_ids=input_ids).logits  # (1, 8, V)
-        got = head(body(input_ids=input_ids).last_hidden_state)
-    except Exception as err:  # any network that does not follow the pattern
-        return f"calling its base model and head separately failed ({type(err).__name__}: {err})"
-    finally:
-        for module, training in modes:
-            module.training = training
-    if got.shape != expected.shape or not torch.allclose(got.float(), expected.float(), rtol=1e-3, atol=1e-3):
-        return "its logits are not head(base_model(...)) (checked on a few tokens)"
-    return None
+        self._random_state.restore()  # here, not at load time: creating the data iterator draws random numbers

@@ -12,7 +12,7 @@ from transformers import BertConfig, GPT2Config
 
 from lit_bigmodel import ConfigurationError, DistillationModule
 from lit_bigmodel.datamodules import ArithmeticDataModule, TeacherLogitsDataModule, TextClassificationDataModule
-from lit_bigmodel.losses import distillation_loss
+from lit_bigmodel.losses import IGNORE_INDEX, distillation_loss
 from tests.conftest import tiny_trainer
 
 
@@ -96,7 +96,7 @@ def test_on_policy_batches_use_student_samples(tmp_path, monkeypatch):
     assert len(seen) == 2
     original_ids, sampled_ids, labels = seen[0]
     for row in range(labels.shape[0]):
-        first = (labels[row] != -100).nonzero()[0].item()  # the prompt is kept, only the completion is new
+        first = (labels[row] != IGNORE_INDEX).nonzero()[0].item()  # the prompt is kept, only the completion is new
         assert torch.equal(sampled_ids[row, :first], original_ids[row, :first])
         assert dm_decode(original_ids[row, :first]).endswith("=")
 
@@ -121,7 +121,7 @@ def test_offline_cache_matches_the_live_teacher_and_trains_without_it(tmp_path):
     with torch.no_grad():
         t_logits = live.teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         s_logits = live(batch)
-    mask = batch["labels"][:, 1:] != -100
+    mask = batch["labels"][:, 1:] != IGNORE_INDEX
     online = distillation_loss(s_logits[:, :-1], t_logits[:, :-1], temperature=2.0, mask=mask, top_k=8)
     offline = distillation_loss(
         s_logits[:, :-1], batch["teacher_topk_values"][:, :-1], temperature=2.0, mask=mask,

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from lit_bigmodel import ConfigurationError, MissingPathError, OutputExistsError, SFTModule
 from lit_bigmodel.datamodules import ArithmeticDataModule, InstructionDataModule, TextClassificationDataModule
+from lit_bigmodel.losses import IGNORE_INDEX
 from tests.conftest import addition_rows, tiny_trainer, write_jsonl
 
 
@@ -30,17 +31,17 @@ def test_prompt_tokens_get_zero_gradient(tmp_path, char_tokenizer, tiny_gpt2_con
     module.configure_model()
     logits = module(batch)
     logits.retain_grad()
-    module.loss_from_logits(logits, batch).backward()
+    module.objective.from_logits(logits, batch).mean.backward()
     grad_norm = logits.grad.abs().sum(-1)  # (B, T)
     # position t is scored against label t + 1: prompt (and padding) targets must get no gradient
-    next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=-100)
-    masked = next_labels == -100
+    next_labels = torch.nn.functional.pad(batch["labels"][:, 1:], (0, 1), value=IGNORE_INDEX)
+    masked = next_labels == IGNORE_INDEX
     assert masked.any() and (~masked).any()
     assert torch.all(grad_norm[masked] == 0)
     assert torch.all(grad_norm[~masked] > 0)
     # the mask covers the prompt exactly: the first labelled token is the first completion token
     first = batch["input_ids"][0].tolist()
-    text = char_tokenizer.decode(first[: (batch["labels"][0] != -100).nonzero()[0].item()])
+    text = char_tokenizer.decode(first[: (batch["labels"][0] != IGNORE_INDEX).nonzero()[0].item()])
     assert text.endswith("=")
 
 

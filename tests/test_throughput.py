@@ -13,6 +13,7 @@ from lit_bigmodel import ConfigurationError, DistillationModule, SFTModule
 from lit_bigmodel.datamodules import ArithmeticDataModule, InstructionDataModule
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.losses import IGNORE_INDEX, causal_lm_loss, chunked_causal_lm_loss
+from lit_bigmodel.objectives import CausalLMObjective
 from tests.conftest import addition_rows, tiny_trainer, write_jsonl
 
 VOCAB = 97
@@ -64,7 +65,7 @@ def _count_chunked_calls(monkeypatch):
         calls.append(1)
         return chunked_causal_lm_loss(*args, **kwargs)
 
-    monkeypatch.setattr("lit_bigmodel.sft.chunked_causal_lm_loss", counting)
+    monkeypatch.setattr("lit_bigmodel.objectives.chunked_causal_lm_loss", counting)
     return calls
 
 
@@ -173,21 +174,22 @@ def test_loss_curves_of_plain_and_fast_path_match_over_200_steps(tmp_path, one_t
     assert (plain - fast).abs().max() < 1e-4  # measured 7e-7; a wrong gradient, dropout draw or mask would diverge
 
 
-def test_chunked_loss_steps_aside_when_loss_from_logits_is_overridden(monkeypatch, caplog):
+def test_chunked_loss_steps_aside_when_from_logits_is_overridden(monkeypatch, caplog):
     calls = _count_chunked_calls(monkeypatch)
 
-    class Doubled(SFTModule):
-        def loss_from_logits(self, logits, batch):
-            return 2 * super().loss_from_logits(logits, batch)
+    class Doubled(CausalLMObjective):
+        def from_logits(self, logits, batch):
+            terms = super().from_logits(logits, batch)
+            return terms._replace(total=2 * terms.total)
 
     torch.manual_seed(0)
-    module = Doubled(_gpt2(), compile=False)
+    module = SFTModule(_gpt2(), compile=False, objective=Doubled())
     module.configure_model()
     batch = _random_batch()
     with caplog.at_level("INFO"):
         loss = module.compute_loss(batch)
     assert not calls
-    assert "overrides `loss_from_logits`" in caplog.text
+    assert "overrides `from_logits`" in caplog.text
     expected = 2 * causal_lm_loss(module.model(**module.model_inputs(batch)).logits, batch["labels"])[0]
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
@@ -265,7 +267,7 @@ def test_distillation_keeps_using_the_full_logits(monkeypatch, char_tokenizer, t
     def fail(*args, **kwargs):
         raise AssertionError("DistillationModule must not use the chunked loss")
 
-    monkeypatch.setattr("lit_bigmodel.sft.chunked_causal_lm_loss", fail)
+    monkeypatch.setattr("lit_bigmodel.objectives.chunked_causal_lm_loss", fail)
     dm = InstructionDataModule(char_tokenizer, train_file=str(write_jsonl(tmp_path / "t.jsonl", addition_rows(8))))
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -317,9 +319,9 @@ def test_padding_free_training_flattens_batches_on_the_host(char_tokenizer, tmp_
     seen = []
 
     class Spy(SFTModule):
-        def compute_loss(self, batch):
+        def training_batch(self, batch):
             seen.append(tuple(batch["input_ids"].shape))
-            return super().compute_loss(batch)
+            return super().training_batch(batch)
 
     dm = InstructionDataModule(
         char_tokenizer, train_file=str(write_jsonl(tmp_path / "t.jsonl", addition_rows(16))), batch_size=4
@@ -371,7 +373,7 @@ def test_module_with_a_built_training_step_still_pickles():
     module.configure_model()
     module.compute_loss(_random_batch())
     clone = pickle.loads(pickle.dumps(module))
-    assert clone._train_loss is None
+    assert clone._step is None
     assert clone.compute_loss(_random_batch()).item() == pytest.approx(module.compute_loss(_random_batch()).item())
 
 
