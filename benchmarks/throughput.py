@@ -19,7 +19,7 @@ Peak memory: ``torch.cuda.max_memory_allocated``, or on CPU the process's peak R
 
 The loss curves (``--loss-curves``, always on for ``--model tiny``) train SFTModule's plain path
 (full logits, eager) and its fast path (as ``ours``) for ``--curve-steps`` steps on a learnable
-synthetic sequence (a noisy random bigram chain) and plot both.
+synthetic sequence (a noisy random bigram chain), with dropout off, and plot both.
 
     python benchmarks/throughput.py --model tiny                        # CPU: table, ratio, loss curves
     python benchmarks/throughput.py --model gpt2 --loss-curves          # one GPU: GPT-2 124M, 16 × 1024
@@ -70,8 +70,14 @@ RESULT_TAG = "THROUGHPUT_RESULT "
 
 
 # ----------------------------------------------------------------------------- shared pieces
-def build_config(name: str, seq: int) -> Any:
+def build_config(name: str, seq: int, dropout: bool = True) -> Any:
+    """The model config of ``name``; ``dropout=False`` zeroes GPT-2's dropout (the loss curves: see `run_curve`)."""
     from transformers import GPT2Config, LlamaConfig
+
+    if name != "llama1b" and not dropout:
+        config = build_config(name, seq)
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+        return config
 
     if name == "llama1b":  # TinyLlama-1.1B shape
         return LlamaConfig(
@@ -83,15 +89,15 @@ def build_config(name: str, seq: int) -> Any:
     return GPT2Config(n_positions=seq)  # GPT-2 124M
 
 
-def build_model(name: str, seq: int, meta: bool = False) -> torch.nn.Module:
+def build_model(name: str, seq: int, meta: bool = False, dropout: bool = True) -> torch.nn.Module:
     """The network of ``name`` with the same initial weights in every harness (``meta``: shapes only)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     if meta:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(build_config(name, seq))
-    return AutoModelForCausalLM.from_config(build_config(name, seq))
+            return AutoModelForCausalLM.from_config(build_config(name, seq, dropout))
+    return AutoModelForCausalLM.from_config(build_config(name, seq, dropout))
 
 
 def layers_and_width(config: Any) -> tuple[int, int]:
@@ -336,7 +342,11 @@ def describe(model: torch.nn.Module, seq: int) -> dict[str, Any]:
 
 
 def run_curve(args: argparse.Namespace) -> dict[str, Any]:
-    """Train SFTModule's plain or fast path on the bigram chain; per-step training losses."""
+    """Train SFTModule's plain or fast path on the bigram chain; per-step training losses.
+
+    Without dropout: compiled and eager code draw dropout masks from different random streams, so with
+    dropout the two runs would follow different trajectories whatever the loss computation does.
+    """
     import lightning as L
 
     path = args.child.removeprefix("curve_")
@@ -352,7 +362,7 @@ def run_curve(args: argparse.Namespace) -> dict[str, Any]:
 
     fast = path == "fast"
     module = SFTModule(
-        lambda: build_model(args.model, args.seq), learning_rate=args.curve_lr, warmup_steps=10,
+        lambda: build_model(args.model, args.seq, dropout=False), learning_rate=args.curve_lr, warmup_steps=10,
         compile=None if fast else False, chunked_loss=fast, loss_chunk_size=args.loss_chunk_size,
     )  # fmt: skip
     L.seed_everything(0)

@@ -7,30 +7,22 @@ from typing import Any, cast
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MeanMetric, Metric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._checks import check_number
 from lit_bigmodel._rng import PendingRandomState
-from lit_bigmodel._sharding import (
-    full_state_dict,
-    hf_zero3_loading,
-    is_fsdp2,
-    offloads_optimizer,
-    shards_parameters,
-)
-from lit_bigmodel.datamodules.packing import packed_attention_inputs
+from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp2, shards_parameters
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
+from lit_bigmodel.evaluation import EvaluationMetrics, exact_match
 from lit_bigmodel.export import CHECKPOINT_KEY, check_target, export_info, write_pretrained
-from lit_bigmodel.losses import IGNORE_INDEX
+from lit_bigmodel.inputs import network_inputs
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
 from lit_bigmodel.objectives import CausalLMObjective, ClassificationObjective, Objective, Step, UnitWeighting
+from lit_bigmodel.optim import adamw, decay_groups
 from lit_bigmodel.schedules import LRSchedule, ModuleScheduleName, callback_sets_learning_rate
 
 _TASKS = ("causal_lm", "sequence_classification")
@@ -180,7 +172,7 @@ class SFTModule(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.gradient_checkpointing = gradient_checkpointing
         self.padding_free = padding_free
-        self.metrics = nn.ModuleDict()
+        self.metrics: EvaluationMetrics | None = None  # built in setup, when num_labels is known
         self._random_state = PendingRandomState()
         self._export_info: dict[str, Any] | None = None
         if objective is None:
@@ -214,7 +206,8 @@ class SFTModule(L.LightningModule):
                 raise ConfigurationError(
                     "`num_labels` is required for sequence classification (or a datamodule that sets it)."
                 )
-        self._build_metrics()
+        if self.metrics is None:
+            self.metrics = EvaluationMetrics(self.task, self.num_labels)
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -253,25 +246,6 @@ class SFTModule(L.LightningModule):
         assert mesh is not None  # ModelParallelStrategy sets it before configure_model
         return fully_shard_blocks(network, mesh["data_parallel"])
 
-    def _build_metrics(self) -> None:
-        if len(self.metrics):
-            return
-        for stage in ("val", "test"):
-            metrics: dict[str, Metric]
-            if self.task == "causal_lm":
-                metrics = {"loss": MeanMetric(), "token_accuracy": MeanMetric(), "exact_match": MeanMetric()}
-            else:
-                assert self.num_labels is not None
-                metrics = {
-                    "loss": MeanMetric(),
-                    "accuracy": MulticlassAccuracy(num_classes=self.num_labels),
-                    "f1": MulticlassF1Score(num_classes=self.num_labels, average="macro"),
-                }
-            self.metrics[stage] = nn.ModuleDict(metrics)
-
-    def _metrics(self, stage: str) -> dict[str, Metric]:
-        return {name: cast(Metric, metric) for name, metric in cast(nn.ModuleDict, self.metrics[stage]).items()}
-
     # ------------------------------------------------------------------ steps
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the network: ``(B, T, V)`` for a causal LM, ``(B, C)`` for a classifier."""
@@ -280,30 +254,8 @@ class SFTModule(L.LightningModule):
         return self.model(**self.model_inputs(batch)).logits
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """The keyword arguments of the network's forward for ``batch`` (packed rows get a block mask)."""
-        input_ids = batch["input_ids"]  # (B, T)
-        limit = max_positions(self.model)
-        flattened = "cu_seq_lens" in batch  # padding-free: each example was checked against the limit
-        if limit is not None and not flattened and input_ids.shape[1] > limit:
-            raise ConfigurationError(
-                f"a batch holds sequences of {input_ids.shape[1]} tokens but the model accepts at most {limit}; "
-                "lower the datamodule's `max_length` or set its `overflow`."
-            )
-        kwargs: dict[str, Any] = {"input_ids": input_ids}
-        if "attention_mask" in batch:  # absent: no padding (random-token benchmarks, padding-free rows)
-            kwargs["attention_mask"] = batch["attention_mask"]
-        if "document_ids" in batch:  # packed rows: a mask (flash: boundaries) that keeps the examples apart
-            kwargs.update(packed_attention_inputs(batch["document_ids"], batch["position_ids"], self.model))
-        elif "position_ids" in batch:  # padding-free: one row, positions restart at every example
-            kwargs["position_ids"] = batch["position_ids"]
-            kwargs["use_cache"] = False  # with a cache, Hugging Face models do not look for packed sequences
-            if "cu_seq_lens" in batch and "flash" in str(getattr(self.model.config, "_attn_implementation", "")):
-                # variable-length flash attention without deriving the boundaries on the device (a host sync)
-                kwargs["cu_seq_lens_q"] = kwargs["cu_seq_lens_k"] = batch["cu_seq_lens"]
-                kwargs["max_length_q"] = kwargs["max_length_k"] = int(batch["max_length"])
-        if "token_type_ids" in batch:
-            kwargs["token_type_ids"] = batch["token_type_ids"]
-        return kwargs
+        """The keyword arguments of the network's forward for ``batch`` (`lit_bigmodel.inputs.network_inputs`)."""
+        return network_inputs(self.model, batch)
 
     def compute_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """The objective's mean loss of ``batch``, computed as the training step does (fast path, compile)."""
@@ -375,21 +327,17 @@ class SFTModule(L.LightningModule):
         self._evaluate("test", batch)
 
     def _evaluate(self, stage: str, batch: dict[str, torch.Tensor]) -> None:
-        metrics = self._metrics(stage)
+        assert self.metrics is not None  # built in setup
         logits = self(batch)
-        terms = self.objective.from_logits(logits, batch)
-        metrics["loss"].update(terms.mean, weight=terms.units)
-        if self.task == "causal_lm":
-            labels = batch["labels"][:, 1:]  # (B, T-1)
-            labelled = labels != IGNORE_INDEX
-            correct = logits[:, :-1].argmax(-1) == labels
-            metrics["token_accuracy"].update(correct[labelled].float())
-            if self.generate_eval and "prompt_input_ids" in batch:
-                metrics["exact_match"].update(self._exact_match(batch).float())
-        else:
-            labels = batch["labels"]
-            metrics["accuracy"].update(logits, labels)
-            metrics["f1"].update(logits, labels)
+        matches = None
+        if self.task == "causal_lm" and self.generate_eval and "prompt_input_ids" in batch:
+            prompt = batch["prompt_input_ids"]  # (B, P), left-padded; the answer, then EOS
+            width = batch["completion_ids"].shape[1] + 1
+            generated = self.generate(prompt, batch["prompt_attention_mask"], max_new_tokens=width)
+            matches = exact_match(
+                generated[:, prompt.shape[1] :], batch["completion_ids"], self._special_id("eos_token_id")
+            )
+        self.metrics.update(stage, logits, batch, self.objective.from_logits(logits, batch), matches)
 
     def on_validation_epoch_end(self) -> None:
         self._log_metrics("val")
@@ -398,30 +346,8 @@ class SFTModule(L.LightningModule):
         self._log_metrics("test")
 
     def _log_metrics(self, stage: str) -> None:
-        metrics = self._metrics(stage)
-        values = {f"{stage}/{name}": metric.compute() for name, metric in metrics.items() if metric.update_count}
-        if self.task == "causal_lm" and f"{stage}/loss" in values:
-            values[f"{stage}/perplexity"] = torch.exp(values[f"{stage}/loss"])
-        self.log_dict(values, prog_bar=stage == "val")
-        for metric in metrics.values():
-            metric.reset()
-
-    @torch.no_grad()
-    def _exact_match(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Per example: does the greedy generation equal the reference completion, then stop? ``(B,)`` bool."""
-        target = batch["completion_ids"]  # (B, C), -100-padded
-        width = target.shape[1] + 1  # the answer, then EOS
-        prompt = batch["prompt_input_ids"]  # (B, P), left-padded
-        generated = self.generate(prompt, batch["prompt_attention_mask"], max_new_tokens=width)[:, prompt.shape[1] :]
-        eos = self._special_id("eos_token_id")
-        if generated.shape[1] < width:
-            filler = torch.full_like(generated[:, :1], eos if eos is not None else IGNORE_INDEX)
-            generated = torch.cat([generated, filler.expand(-1, width - generated.shape[1])], dim=1)
-        if eos is not None:
-            ended = (generated == eos).cumsum(dim=1) > 0  # EOS and everything after it
-            generated = generated.masked_fill(ended, IGNORE_INDEX)
-        padded_target = F.pad(target, (0, 1), value=IGNORE_INDEX)  # (B, width)
-        return (generated == padded_target).all(dim=1)
+        if self.metrics is not None:
+            self.log_dict(self.metrics.compute(stage), prog_bar=stage == "val")
 
     # ------------------------------------------------------------------ generation and export
     @torch.no_grad()
@@ -497,30 +423,8 @@ class SFTModule(L.LightningModule):
         return [self.model]
 
     def configure_optimizers(self) -> Any:
-        decay: list[nn.Parameter] = []
-        no_decay: list[nn.Parameter] = []
-        seen: set[int] = set()
-        for module in (m for root in self.trainable_modules() for m in root.modules()):
-            is_norm_or_embedding = isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower()
-            for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad or id(param) in seen:
-                    continue  # tied weights (embedding = LM head) are listed once, as the embedding
-                seen.add(id(param))
-                # By module and name, not by ``param.ndim``: under ZeRO-3 and FSDP a parameter is a flat shard.
-                (no_decay if is_norm_or_embedding or name.endswith("bias") else decay).append(param)
-        groups = [
-            {"params": params, "weight_decay": wd}
-            for params, wd in ((decay, self.weight_decay), (no_decay, 0.0))
-            if params  # an empty group breaks DeepSpeed's optimizer wrappers
-        ]
-        optimizer: torch.optim.Optimizer
-        if offloads_optimizer(self._trainer):  # DeepSpeed refuses a torch optimizer with its state on the CPU
-            from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-            optimizer = DeepSpeedCPUAdam(groups, lr=self.learning_rate, betas=self.betas, adamw_mode=True)
-        else:
-            fused = all(p.is_cuda for p in decay + no_decay)
-            optimizer = torch.optim.AdamW(groups, lr=self.learning_rate, betas=self.betas, fused=fused or None)
+        groups = decay_groups(self.trainable_modules(), self.weight_decay)
+        optimizer = adamw(groups, self.learning_rate, self.betas, self._trainer)
         if callback_sets_learning_rate(self.trainer, 0):  # a callback (LRDecay) owns the rate: lit_bigmodel.schedules
             return optimizer
         total = max(1, int(self.trainer.estimated_stepping_batches))

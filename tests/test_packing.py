@@ -94,11 +94,8 @@ def _assert_same_example_losses(plain: dict, other: dict) -> None:
     assert worst < 1e-5, f"per-token losses differ by up to {worst}"
 
 
-@pytest.mark.parametrize("attention", ["eager", "sdpa"])
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_packed_rows_give_each_example_its_own_loss(arch, attention, tokenizer, batches):
-    module = _sft(arch, tokenizer, attention)
-    plain, packed = batches["plain"], batches["packed"]
+def _assert_packed_rows_match_plain_rows(module, plain, packed):
+    """Every example's per-token losses are the same in its packed row as in its own padded row."""
     with torch.no_grad():
         plain_losses = _token_losses(module(plain), plain["labels"])
         packed_losses = _token_losses(module(packed), packed["labels"])
@@ -106,6 +103,14 @@ def test_packed_rows_give_each_example_its_own_loss(arch, attention, tokenizer, 
         _by_example(plain["input_ids"], plain_losses, _plain_spans(plain)),
         _by_example(packed["input_ids"], packed_losses, _packed_spans(packed)),
     )
+
+
+@pytest.mark.parametrize("attention", ["eager", "sdpa"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_packed_rows_give_each_example_its_own_loss(arch, attention, tokenizer, batches):
+    module = _sft(arch, tokenizer, attention)
+    plain, packed = batches["plain"], batches["packed"]
+    _assert_packed_rows_match_plain_rows(module, plain, packed)
     # the training loss (mean over the same completion tokens) agrees too
     assert torch.allclose(module.compute_loss(plain), module.compute_loss(packed), atol=1e-5)
 
@@ -133,14 +138,7 @@ def test_packed_rows_keep_the_sliding_window(arch, attention, tokenizer, batches
     module.configure_model()
     module.model.set_attn_implementation(attention)
     module.eval()
-    plain, packed = batches["plain"], batches["packed"]
-    with torch.no_grad():
-        plain_losses = _token_losses(module(plain), plain["labels"])
-        packed_losses = _token_losses(module(packed), packed["labels"])
-    _assert_same_example_losses(
-        _by_example(plain["input_ids"], plain_losses, _plain_spans(plain)),
-        _by_example(packed["input_ids"], packed_losses, _packed_spans(packed)),
-    )
+    _assert_packed_rows_match_plain_rows(module, batches["plain"], batches["packed"])
 
 
 def test_packed_rows_refuse_attention_layers_they_cannot_mask():
@@ -291,11 +289,4 @@ def test_packed_attention_inputs_for_flex_attention_are_a_block_mask(window):
 
 def test_packed_rows_under_flex_attention_match_unpacked(tokenizer, batches):
     module = _sft("llama", tokenizer, "flex_attention")
-    plain, packed = batches["plain"], batches["packed"]
-    with torch.no_grad():
-        plain_losses = _token_losses(module(plain), plain["labels"])
-        packed_losses = _token_losses(module(packed), packed["labels"])
-    _assert_same_example_losses(
-        _by_example(plain["input_ids"], plain_losses, _plain_spans(plain)),
-        _by_example(packed["input_ids"], packed_losses, _packed_spans(packed)),
-    )
+    _assert_packed_rows_match_plain_rows(module, batches["plain"], batches["packed"])
