@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -197,6 +198,42 @@ def test_distillation_honours_the_fast_path_switches():
         module._step = None  # rebuilt, with the attention-implementation warning
         flat = module.compute_loss(flatten_batch(batch))
     assert flat.item() == pytest.approx(padded.item(), rel=1e-5)  # student and teacher both see the flat row
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [{"compile": True}, {"gradient_checkpointing": True}, {"padding_free": True}, {"chunked_loss": True}],
+    ids=lambda switch: next(iter(switch)),
+)
+def test_each_distillation_switch_gives_the_plain_paths_loss_and_gradients(switch):
+    args = {"alpha": 0.5, "hidden_layer_map": {2: 2}, "compile": False, "chunked_loss": False}
+    plain = DistillationModule(_gpt2(2), _gpt2(2), **args)
+    switched = DistillationModule(_gpt2(2), _gpt2(2), **{**args, **switch})
+    torch.manual_seed(0)
+    plain.configure_model()
+    switched.configure_model()
+    switched.load_state_dict(plain.state_dict())  # same student, teacher and projections
+    batch = _micro_batches(1, rows=3)[0]
+    batch["attention_mask"][1, 12:] = 0  # a padded row
+    batch["labels"][1, 12:] = IGNORE_INDEX
+    for module in (plain, switched):
+        module.model.train()  # no dropout in _gpt2: train mode computes the same function as eval
+    expected = plain.compute_loss(batch)
+    expected.backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # padding_free under sdpa warns that flash attention is faster
+        loss = switched.compute_loss(flatten_batch(batch) if "padding_free" in switch else batch)
+    loss.backward()
+    honoured = {
+        "compile": hasattr(switched._step, "_torchdynamo_orig_callable"),  # the objective's step is compiled
+        "gradient_checkpointing": any(getattr(m, "gradient_checkpointing", False) for m in switched.model.modules()),
+        "padding_free": switched.padding_free,
+        "chunked_loss": True,  # no effect in distillation (documented): the KD term needs the full logits
+    }
+    assert honoured[next(iter(switch))]
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (name, ours), theirs in zip(switched.model.named_parameters(), plain.model.parameters()):
+        torch.testing.assert_close(ours.grad, theirs.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize(
