@@ -14,6 +14,15 @@ from transformers import PreTrainedTokenizerBase
 from lit_bigmodel._checks import check_number
 from lit_bigmodel._rng import PendingRandomState
 from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp2, shards_parameters
+from lit_bigmodel.adapters import (
+    ADAPTERS_KEY,
+    PeftConfig,
+    apply_adapters,
+    check_peft_config,
+    check_same_base,
+    export_adapters,
+    keep_adapter_weights_only,
+)
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
 from lit_bigmodel.errors import ConfigurationError
@@ -89,6 +98,13 @@ class SFTModule(L.LightningModule):
             ``packing=True`` there.
         objective: the training objective (see above); None: the task's default, built from
             ``chunked_loss`` and ``loss_chunk_size``.
+        peft: a ``peft.PeftConfig`` (``LoraConfig(r=8, target_modules="all-linear")``, with
+            ``use_dora=True`` for DoRA, ``use_rslora=True`` for rsLoRA, ...): the network gets those
+            adapters in ``configure_model`` (`lit_bigmodel.adapters`) and only they (and a classifier's
+            head) train. Checkpoints then hold the trainable weights only, with a fingerprint of the
+            frozen base that a resume checks; ``export`` writes the merged model or, with
+            ``merge=False``, the adapter folder.
+        full_checkpoints: with ``peft``, checkpoints hold the whole network (the base too).
 
     Raises:
         ConfigurationError: an invalid argument (named in the message).
@@ -124,6 +140,8 @@ class SFTModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         padding_free: bool = False,
         objective: Objective | None = None,
+        peft: PeftConfig | None = None,
+        full_checkpoints: bool = False,
     ) -> None:
         super().__init__()
         problems = [
@@ -151,9 +169,16 @@ class SFTModule(L.LightningModule):
             problems.append(f"`padding_free=True` needs task='causal_lm', got task={task!r}.")
         if objective is not None and not isinstance(objective, Objective):
             problems.append(f"`objective` must be an Objective (lit_bigmodel.objectives) or None, got {objective!r}.")
+        if peft is not None and (problem := check_peft_config(peft, task)) is not None:
+            problems.append(problem)
         if problems:
             raise ConfigurationError(" ".join(problems))
-        self.save_hyperparameters(ignore=["model", "tokenizer", "objective"])
+        self.save_hyperparameters(ignore=["model", "tokenizer", "objective", "peft"])
+        self.peft = peft
+        self.full_checkpoints = full_checkpoints
+        self.adapters: Any = None  # the peft.PeftModel around the network (saves and merges the adapters)
+        if peft is not None and not full_checkpoints:
+            self.strict_loading = False  # adapter-only checkpoints leave the frozen base out
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.betas = (float(betas[0]), float(betas[1]))
@@ -215,6 +240,9 @@ class SFTModule(L.LightningModule):
         with hf_zero3_loading(self._trainer):  # Lightning builds under deepspeed.zero.Init at stage 3
             self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
+        if self.peft is not None:
+            self.model, adapters = apply_adapters(self.model, self.peft, self.task)
+            object.__setattr__(self, "adapters", adapters)  # not a submodule: it holds the network itself
         if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -386,7 +414,7 @@ class SFTModule(L.LightningModule):
             value = getattr(getattr(self.model, "config", None), name, None)
         return value if isinstance(value, int) else None
 
-    def export(self, dirpath: str | os.PathLike[str], overwrite: bool = False) -> str:
+    def export(self, dirpath: str | os.PathLike[str], overwrite: bool = False, merge: bool | None = None) -> str:
         """Write a ``save_pretrained`` directory (model and, if known, tokenizer) that ``transformers`` loads.
 
         The directory is written beside the target and renamed into place, so it is either
@@ -394,8 +422,13 @@ class SFTModule(L.LightningModule):
         weights are gathered first, so every rank must call it (it is collective there); the
         directory holds the full, unsharded model.
 
+        With ``peft`` adapters, ``merge`` (the default) writes the network with the adapters merged
+        into its weights (a plain ``transformers`` model); ``merge=False`` writes the adapter folder
+        that ``peft.PeftModel.from_pretrained(base_model, dirpath)`` loads onto the base model.
+
         Raises:
             OutputExistsError: ``dirpath`` exists and is not empty, and ``overwrite`` is False.
+            ConfigurationError: ``merge=False`` without ``peft``; adapters under a sharded strategy.
 
         Example::
 
@@ -403,6 +436,8 @@ class SFTModule(L.LightningModule):
             AutoModelForCausalLM.from_pretrained("out/model")
         """
         target = check_target(dirpath, overwrite)
+        if merge is False and self.peft is None:
+            raise ConfigurationError("`merge=False` exports adapters, but the module has no `peft` adapters.")
         if self.model is None:
             raise ConfigurationError(
                 "nothing to export: the model is not built yet (train it, or call configure_model())."
@@ -412,6 +447,15 @@ class SFTModule(L.LightningModule):
             raise ConfigurationError(
                 f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model."
             )
+        if self.adapters is not None:
+            if shards_parameters(self._trainer):
+                raise ConfigurationError(
+                    "exporting `peft` adapters from a sharded run (FSDP, FSDP2, ZeRO-3) is not supported: "
+                    "save a checkpoint and export it on one device, or train under DDP / ZeRO-2."
+                )
+            if self._trainer is not None and not self.trainer.is_global_zero:
+                return target
+            return export_adapters(target, self.adapters, self.tokenizer, merge=merge is not False)
         state = full_state_dict(self._trainer, self, network)  # collective under sharding; None off rank zero
         if state is None:
             return target
@@ -436,6 +480,8 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.save(checkpoint)
+        if self.adapters is not None and not self.full_checkpoints:
+            keep_adapter_weights_only(checkpoint, self)
         if self.model is not None:  # for `lit-bigmodel export CKPT OUT`: the config and tokenizer, not only weights
             if self._export_info is None:
                 network = getattr(self.model, "_orig_mod", self.model)
@@ -445,6 +491,8 @@ class SFTModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.load(checkpoint)
+        if ADAPTERS_KEY in checkpoint and self.model is not None:
+            check_same_base(checkpoint, self.model)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._random_state.restore()  # here, not at load time: creating the data iterator draws random numbers
