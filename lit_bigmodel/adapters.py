@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import shutil
 import tempfile
@@ -168,3 +169,38 @@ def export_adapters(target: str, wrapper: Any, tokenizer: Any = None, merge: boo
         if os.path.exists(staging):
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def peft_config_dict(wrapper: Any) -> dict[str, Any]:
+    """The adapters' config as plain JSON types (for checkpoints); `peft_config_from_dict` reads it back."""
+    config = wrapper.peft_config[wrapper.active_adapter]
+    encoded = json.dumps(config.to_dict(), default=lambda o: sorted(o) if isinstance(o, set) else str(o))
+    return dict(json.loads(encoded))
+
+
+def peft_config_from_dict(values: dict[str, Any]) -> Any:
+    """The ``peft.PeftConfig`` that `peft_config_dict` wrote."""
+    from peft import PeftConfig as Config
+
+    return Config.from_peft_type(**values)
+
+
+def load_adapted(
+    network: nn.Module, peft_values: dict[str, Any], task: str, state: dict[str, torch.Tensor], adapter_only: bool
+) -> Any:
+    """``network`` with the checkpoint's adapters, loaded from ``state``; returns the ``PeftModel`` wrapper.
+
+    Raises:
+        ConfigurationError: ``state`` does not fit (an adapter weight missing, or weights the network lacks).
+    """
+    adapted, wrapper = apply_adapters(network, peft_config_from_dict(peft_values), task)
+    missing, unexpected = adapted.load_state_dict(state, strict=False)
+    trainable = adapter_keys(adapted)
+    missing = [key for key in missing if key in trainable or not adapter_only]
+    tied = set(getattr(adapted, "_tied_weights_keys", None) or ())
+    missing = [key for key in missing if key not in tied]
+    if missing or unexpected:
+        raise ConfigurationError(
+            f"the checkpoint's weights do not fit the adapted network: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    return wrapper

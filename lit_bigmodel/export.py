@@ -191,6 +191,8 @@ def export_checkpoint(
     *,
     overwrite: bool = False,
     prefix: str = "model.",
+    merge: bool = True,
+    base: str | os.PathLike[str] | None = None,
 ) -> str:
     """Rebuild the network stored in a Lightning ``checkpoint`` and write it as a ``save_pretrained`` directory.
 
@@ -199,6 +201,9 @@ def export_checkpoint(
         dirpath: the output directory; written beside and renamed into place.
         overwrite: replace a non-empty ``dirpath``.
         prefix: the network's attribute in the module's state dict (``"model."``: the SFT model, the student).
+        merge: with ``peft`` adapters, write the merged model (True) or the adapter folder (False).
+        base: with an adapter-only checkpoint, the base model's ``save_pretrained`` directory (the
+            checkpoint identifies the base but does not hold it); checked against its fingerprint.
 
     Raises:
         MissingPathError: no checkpoint at ``checkpoint``.
@@ -230,6 +235,23 @@ def export_checkpoint(
             for name, data in info["tokenizer_files"].items():
                 Path(folder, name).write_bytes(data)
             tokenizer = AutoTokenizer.from_pretrained(folder)
+    peft_values = info.get("peft")
+    if peft_values is None and not merge:
+        raise ConfigurationError("`merge=False` exports adapters, but the checkpoint holds no `peft` adapters.")
+    if peft_values is not None:
+        from lit_bigmodel.adapters import ADAPTERS_KEY, check_same_base, export_adapters, load_adapted
+
+        adapter_only = ADAPTERS_KEY in full
+        if adapter_only and base is None:
+            raise ConfigurationError(
+                "the checkpoint holds adapter weights only: pass the base model's save_pretrained directory "
+                "(`--base DIR`), or train with `full_checkpoints=True`."
+            )
+        network = build_model(os.fspath(base) if adapter_only and base is not None else config, info["task"])
+        wrapper = load_adapted(network, peft_values, info["task"], state, adapter_only)
+        if adapter_only:
+            check_same_base(full, wrapper.get_base_model())
+        return export_adapters(target, wrapper, tokenizer, merge=merge)
     network = build_model(config, info["task"])
     missing, unexpected = network.load_state_dict(state, strict=False)
     tied = set(getattr(network, "_tied_weights_keys", None) or ())
@@ -245,7 +267,7 @@ def export_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``lit-bigmodel export CKPT OUT [--overwrite]``; input errors print one line and exit with status 2."""
+    """``lit-bigmodel export CKPT OUT [--overwrite] [--adapters-only] [--base DIR]``; input errors exit with status 2."""
     parser = argparse.ArgumentParser(
         prog="lit-bigmodel export",
         description="Write a save_pretrained directory from a checkpoint of SFTModule / DistillationModule "
@@ -254,9 +276,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="checkpoint file or sharded checkpoint directory")
     parser.add_argument("out", help="output directory (must be empty or absent unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    parser.add_argument(
+        "--adapters-only", action="store_true", help="peft checkpoints: write the adapter folder, not the merged model"
+    )
+    parser.add_argument("--base", help="adapter-only peft checkpoints: the base model's save_pretrained directory")
     args = parser.parse_args(argv)
     try:
-        path = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        path = export_checkpoint(
+            args.checkpoint, args.out, overwrite=args.overwrite, merge=not args.adapters_only, base=args.base
+        )
     except LitBigModelError as err:
         print(f"lit-bigmodel export: error: {err}", file=sys.stderr)
         sys.exit(2)

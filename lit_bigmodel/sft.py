@@ -22,6 +22,7 @@ from lit_bigmodel.adapters import (
     check_same_base,
     export_adapters,
     keep_adapter_weights_only,
+    peft_config_dict,
 )
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
@@ -488,6 +489,8 @@ class SFTModule(L.LightningModule):
                 self._export_info = export_info(self.task, network, self.tokenizer)
             if self._export_info is not None:
                 checkpoint[CHECKPOINT_KEY] = self._export_info
+                if self.adapters is not None:  # `lit-bigmodel export` rebuilds the adapters from their config
+                    checkpoint[CHECKPOINT_KEY] = {**self._export_info, "peft": peft_config_dict(self.adapters)}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.load(checkpoint)

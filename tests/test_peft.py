@@ -249,3 +249,44 @@ def test_peft_from_the_cli_yaml(tmp_path):
     assert isinstance(module.peft, LoraConfig) and module.peft.use_dora
     assert any("lora_magnitude_vector" in name for name, _ in module.model.named_parameters())
     assert "model.safetensors" in os.listdir(tmp_path / "model")  # the merged export
+
+
+def test_cli_export_of_peft_checkpoints(tmp_path, capsys):
+    from lit_bigmodel.export import main as export_main
+
+    data = ArithmeticDataModule(batch_size=16, num_val=20, num_test=20)
+    torch.manual_seed(0)
+    base = SFTModule(CONFIGS["gpt2"](), tokenizer=data.tokenizer)
+    base.configure_model()
+    base.export(tmp_path / "base")  # a base model directory, as users fine-tune
+    L.seed_everything(0)
+    module = SFTModule(str(tmp_path / "base"), learning_rate=5e-2, peft=_lora(use_dora=True))
+    trainer = _fit(module, tmp_path / "run", max_steps=3, enable_checkpointing=True)
+    checkpoint = trainer.checkpoint_callback.best_model_path
+    module.model.eval()
+    x = _tokens(module)
+    with torch.no_grad():
+        adapted = module.model(input_ids=x).logits
+
+    with pytest.raises(SystemExit) as exit_info:  # adapter-only: the base is needed
+        export_main([checkpoint, str(tmp_path / "no_base")])
+    assert exit_info.value.code == 2 and "--base DIR" in capsys.readouterr().err
+    assert not (tmp_path / "no_base").exists()
+
+    export_main([checkpoint, str(tmp_path / "merged"), "--base", str(tmp_path / "base")])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    export_main([checkpoint, str(tmp_path / "adapter"), "--base", str(tmp_path / "base"), "--adapters-only"])
+    reloaded = peft.PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded.eval()(input_ids=x).logits, adapted, rtol=0, atol=1e-5)
+
+    torch.manual_seed(1)
+    other = SFTModule(CONFIGS["gpt2"](), tokenizer=data.tokenizer)
+    other.configure_model()
+    other.export(tmp_path / "other_base")
+    with pytest.raises(SystemExit):  # another base: the fingerprint differs
+        export_main([checkpoint, str(tmp_path / "wrong"), "--base", str(tmp_path / "other_base")])
+    assert "not the one they were trained on" in capsys.readouterr().err
