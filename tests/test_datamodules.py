@@ -182,6 +182,14 @@ def test_arithmetic_splits_are_disjoint_and_correct():
     assert tok.decode(tok("12-7=5").input_ids) == "12-7=5"
 
 
+@pytest.mark.parametrize("operations", ["+", "-", "*", "+-*"])
+def test_arithmetic_max_length_fits_every_problem(operations, tmp_path):
+    dm = ArithmeticDataModule(operations=operations, num_val=10, num_test=10)
+    dm.setup("fit")  # an example longer than max_length is an error (overflow="error")
+    longest = max(len(dm.tokenizer(r["prompt"] + r["completion"]).input_ids) for _, r in dm.load_records("train"))
+    assert longest + 1 <= dm.max_length  # with EOS
+
+
 @pytest.mark.parametrize(
     ("kwargs", "name"),
     [({"max_operand": 0}, "max_operand"), ({"operations": "/"}, "operations"), ({"num_test": 0}, "num_val")],

@@ -55,7 +55,8 @@ class ArithmeticDataModule(InstructionDataModule):
             )
         if problems:
             raise ConfigurationError(" ".join(problems))
-        answer_digits = len(str(max(_OPERATIONS[op](max_operand, max_operand) for op in operations))) + 1
+        extremes = ((max_operand, max_operand), (0, max_operand))  # the longest answers: largest, most negative
+        answer_digits = max(len(str(_OPERATIONS[op](a, b))) for op in operations for a, b in extremes) + 1
         max_length = 2 * len(str(max_operand)) + 2 + answer_digits + 1
         super().__init__(
             build_char_tokenizer("0123456789+-*=", model_max_length=max_length),
