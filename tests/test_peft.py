@@ -82,17 +82,23 @@ def test_classifier_head_trains_beside_the_adapters(tiny_bert_config):
     assert all("lora_" in name or "classifier" in name for name in trainable)
 
 
-@pytest.mark.parametrize("kind", list(KINDS))
-@pytest.mark.parametrize("arch", list(CONFIGS))
-def test_merged_export_gives_the_adapted_models_logits(arch, kind, tmp_path):
-    torch.manual_seed(0)
-    module = SFTModule(CONFIGS[arch](), peft=_lora(**KINDS[kind]))
+def _adapted_logits(module):
+    """Give the adapters values, then the adapted network's eval-mode logits on fixed tokens: (tokens, logits)."""
     module.configure_model()
     _perturb_adapters(module)
     module.model.eval()
     x = _tokens(module)
     with torch.no_grad():
-        adapted = module.model(input_ids=x).logits
+        return x, module.model(input_ids=x).logits
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("arch", list(CONFIGS))
+def test_merged_export_gives_the_adapted_models_logits(arch, kind, tmp_path):
+    torch.manual_seed(0)
+    module = SFTModule(CONFIGS[arch](), peft=_lora(**KINDS[kind]))
+    x, adapted = _adapted_logits(module)
+    with torch.no_grad():
         base = module.adapters.get_base_model()
         with module.adapters.disable_adapter():
             without = module.model(input_ids=x).logits
@@ -110,12 +116,7 @@ def test_adapter_export_loads_onto_the_base_model(tmp_path):
     base_dir = tmp_path / "base"
     AutoModelForCausalLM.from_config(CONFIGS["llama"]()).save_pretrained(base_dir)
     module = SFTModule(str(base_dir), tokenizer=None, peft=_lora(use_dora=True))
-    module.configure_model()
-    _perturb_adapters(module)
-    module.model.eval()
-    x = _tokens(module)
-    with torch.no_grad():
-        adapted = module.model(input_ids=x).logits
+    x, adapted = _adapted_logits(module)
     module.export(tmp_path / "adapter", merge=False)
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "adapter"))
     reloaded = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
