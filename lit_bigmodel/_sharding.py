@@ -75,6 +75,27 @@ def hf_zero3_loading(trainer: Any) -> Iterator[None]:
         del config
 
 
+@contextlib.contextmanager
+def outside_zero_init(trainer: Any) -> Iterator[None]:
+    """Under ZeRO-3, build modules whole for a while inside ``configure_model`` (a no-op otherwise).
+
+    Lightning runs ``configure_model`` inside ``deepspeed.zero.Init``, which partitions each module's
+    parameters as soon as it is built, so an initialiser that runs afterwards (peft's ``zeros_`` on
+    LoRA's B, say) writes into an empty tensor and is lost. Modules built here stay whole (and are
+    initialised as on one device); DeepSpeed partitions them when it sets the model up.
+    """
+    if zero_stage(trainer) != 3:
+        yield
+        return
+    from deepspeed.runtime.zero.partition_parameters import restore_init_context, shutdown_init_context
+
+    shutdown_init_context()
+    try:
+        yield
+    finally:
+        restore_init_context()
+
+
 def full_state_dict(trainer: Any, root: nn.Module, network: nn.Module) -> dict[str, torch.Tensor] | None:
     """The full (unsharded) state dict of ``network``, a submodule of the LightningModule ``root``, on CPU.
 

@@ -13,16 +13,28 @@ from transformers import PreTrainedTokenizerBase
 
 from lit_bigmodel._checks import check_number
 from lit_bigmodel._rng import PendingRandomState
-from lit_bigmodel._sharding import full_state_dict, hf_zero3_loading, is_fsdp2, shards_parameters
+from lit_bigmodel._sharding import (
+    full_state_dict,
+    hf_zero3_loading,
+    is_fsdp,
+    is_fsdp2,
+    is_sharded,
+    outside_zero_init,
+    shards_parameters,
+    zero_stage,
+)
 from lit_bigmodel.adapters import (
     ADAPTERS_KEY,
     PeftConfig,
+    adapted_copy,
     apply_adapters,
+    base_fingerprint,
     check_peft_config,
     check_same_base,
     export_adapters,
     keep_adapter_weights_only,
     peft_config_dict,
+    uniform_trainable_dtype,
 )
 from lit_bigmodel.datamodules.padding_free import flatten_batch
 from lit_bigmodel.datamodules.tokenization import load_tokenizer
@@ -103,8 +115,10 @@ class SFTModule(L.LightningModule):
             ``use_dora=True`` for DoRA, ``use_rslora=True`` for rsLoRA, ...): the network gets those
             adapters in ``configure_model`` (`lit_bigmodel.adapters`) and only they (and a classifier's
             head) train. Checkpoints then hold the trainable weights only, with a fingerprint of the
-            frozen base that a resume checks; ``export`` writes the merged model or, with
-            ``merge=False``, the adapter folder.
+            frozen base that a resume checks (DeepSpeed's files too; FSDP / FSDP2 distributed
+            checkpoints, one shard per rank, keep the base, which their resume reads); ``export``
+            writes the merged model or, with ``merge=False``, the adapter folder. Works under every
+            strategy: ddp, FSDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (see `_inject_adapters`, `export`).
         full_checkpoints: with ``peft``, checkpoints hold the whole network (the base too).
 
     Raises:
@@ -178,6 +192,7 @@ class SFTModule(L.LightningModule):
         self.peft = peft
         self.full_checkpoints = full_checkpoints
         self.adapters: Any = None  # the peft.PeftModel around the network (saves and merges the adapters)
+        self._base_fingerprint: list[float] = []  # of the frozen base, taken when it is built (before sharding)
         if peft is not None and not full_checkpoints:
             self.strict_loading = False  # adapter-only checkpoints leave the frozen base out
         self.learning_rate = learning_rate
@@ -234,6 +249,31 @@ class SFTModule(L.LightningModule):
                 )
         if self.metrics is None:
             self.metrics = EvaluationMetrics(self.task, self.num_labels)
+        if self.peft is not None:
+            self._configure_strategy_for_adapters()
+
+    def _configure_strategy_for_adapters(self) -> None:
+        """What the sharded strategies need for ``peft`` adapters, set before they wrap the network.
+
+        FSDP1 flattens each unit's parameters into one FlatParameter, which must require grad uniformly
+        unless ``use_orig_params=True`` (frozen base, trainable adapters in one block): it is set. DeepSpeed
+        writes the weights into its own checkpoint files: adapter-only checkpoints leave the frozen ones
+        out there (``exclude_frozen_parameters``), as they do from Lightning's state dict elsewhere.
+        """
+        if self._trainer is None:
+            return
+        strategy = self.trainer.strategy
+        from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
+
+        if isinstance(strategy, FSDPStrategy) and not strategy.kwargs.get("use_orig_params", False):
+            rank_zero_warn(
+                "`peft` adapters under FSDP: setting use_orig_params=True (with use_orig_params=False, FSDP refuses "
+                "a unit holding frozen base weights and trainable adapters: 'FlatParameter requires uniform "
+                "requires_grad')."
+            )
+            strategy.kwargs["use_orig_params"] = True
+        if isinstance(strategy, DeepSpeedStrategy) and not self.full_checkpoints:
+            strategy.exclude_frozen_parameters = True
 
     def configure_model(self) -> None:
         if self.model is not None:
@@ -242,8 +282,7 @@ class SFTModule(L.LightningModule):
             self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         if self.peft is not None:
-            self.model, adapters = apply_adapters(self.model, self.peft, self.task)
-            object.__setattr__(self, "adapters", adapters)  # not a submodule: it holds the network itself
+            self._inject_adapters()
         if self.gradient_checkpointing:
             if hasattr(self.model, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
                 self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -261,6 +300,25 @@ class SFTModule(L.LightningModule):
             and self.tokenizer is not None
         ):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
+
+    def _inject_adapters(self) -> None:
+        """Wrap the network with the ``peft`` adapters (in ``configure_model``, before FSDP2 shards it).
+
+        Under ZeRO-3 the adapters are built whole (`outside_zero_init`: else peft initialises empty
+        partitions, and LoRA's B would not start at zero), with transformers' ZeRO-3 path alive so that
+        initialisers that read the base weight (DoRA, PiSSA) gather it. Under FSDP1 the adapters take the
+        base's dtype (a FlatParameter has one dtype: float32 adapters beside a bfloat16 base fail with
+        "Must flatten tensors with uniform dtype"); under FSDP2 the trainable parameters get one dtype.
+        The base's fingerprint is taken here, while its weights are whole on every rank (under ZeRO-3
+        they never are: no fingerprint).
+        """
+        fsdp1 = is_fsdp(self._trainer) and not is_fsdp2(self._trainer)
+        with hf_zero3_loading(self._trainer), outside_zero_init(self._trainer):
+            self.model, adapters = apply_adapters(self.model, self.peft, self.task, match_base_dtype=fsdp1)
+        if is_fsdp2(self._trainer):
+            uniform_trainable_dtype(self.model)
+        object.__setattr__(self, "adapters", adapters)  # not a submodule: it holds the network itself
+        self._base_fingerprint = base_fingerprint(self.model)
 
     def shard_for_fsdp2(self, network: nn.Module) -> nn.Module:
         """Under `ModelParallelStrategy` (FSDP2), ``fully_shard`` each transformer block, then the network.
@@ -425,11 +483,13 @@ class SFTModule(L.LightningModule):
 
         With ``peft`` adapters, ``merge`` (the default) writes the network with the adapters merged
         into its weights (a plain ``transformers`` model); ``merge=False`` writes the adapter folder
-        that ``peft.PeftModel.from_pretrained(base_model, dirpath)`` loads onto the base model.
+        that ``peft.PeftModel.from_pretrained(base_model, dirpath)`` loads onto the base model. Under
+        DeepSpeed, FSDP and FSDP2 the adapted network's full state dict is gathered (collective), and
+        rank zero loads it into a CPU copy of the network, rebuilt from its config, which merges or saves.
 
         Raises:
             OutputExistsError: ``dirpath`` exists and is not empty, and ``overwrite`` is False.
-            ConfigurationError: ``merge=False`` without ``peft``; adapters under a sharded strategy.
+            ConfigurationError: ``merge=False`` without ``peft``.
 
         Example::
 
@@ -449,14 +509,15 @@ class SFTModule(L.LightningModule):
                 f"the model ({type(network).__name__}) has no save_pretrained: it is not a Hugging Face model."
             )
         if self.adapters is not None:
-            if shards_parameters(self._trainer):
-                raise ConfigurationError(
-                    "exporting `peft` adapters from a sharded run (FSDP, FSDP2, ZeRO-3) is not supported: "
-                    "save a checkpoint and export it on one device, or train under DDP / ZeRO-2."
-                )
-            if self._trainer is not None and not self.trainer.is_global_zero:
+            wrapper = self.adapters
+            if is_sharded(self._trainer):  # the live weights are shards, or wrapped by DeepSpeed's engine
+                state = full_state_dict(self._trainer, self, network)  # collective; None off rank zero
+                if state is None:
+                    return target
+                wrapper = adapted_copy(network, self.adapters, self.task, state)
+            elif self._trainer is not None and not self.trainer.is_global_zero:
                 return target
-            return export_adapters(target, self.adapters, self.tokenizer, merge=merge is not False)
+            return export_adapters(target, wrapper, self.tokenizer, merge=merge is not False)
         state = full_state_dict(self._trainer, self, network)  # collective under sharding; None off rank zero
         if state is None:
             return target
@@ -481,8 +542,13 @@ class SFTModule(L.LightningModule):
     # ------------------------------------------------------------------ exact resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.save(checkpoint)
-        if self.adapters is not None and not self.full_checkpoints:
-            keep_adapter_weights_only(checkpoint, self)
+        hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
+        if isinstance(hparams, dict) and hparams.get("peft") is not None:
+            # A subclass that saves its own hyperparameters (DistillationModule's **kwargs) records the PeftConfig
+            # object, and Lightning then refuses to resume (torch.load with weights_only=True): left out, as here.
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {k: v for k, v in hparams.items() if k != "peft"}
+        if self.adapters is not None and not self.full_checkpoints and self._adapter_only_checkpoints():
+            keep_adapter_weights_only(checkpoint, self, self._base_fingerprint)
         if self.model is not None:  # for `lit-bigmodel export CKPT OUT`: the config and tokenizer, not only weights
             if self._export_info is None:
                 network = getattr(self.model, "_orig_mod", self.model)
@@ -495,7 +561,18 @@ class SFTModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.load(checkpoint)
         if ADAPTERS_KEY in checkpoint and self.model is not None:
-            check_same_base(checkpoint, self.model)
+            check_same_base(checkpoint, self.model, here=self._base_fingerprint)
+
+    def _adapter_only_checkpoints(self) -> bool:
+        """Whether this run's checkpoints leave the frozen base out: everywhere but DeepSpeed writing every weight.
+
+        (Under DeepSpeed the weights are in its own files, adapter-only when ``exclude_frozen_parameters``
+        is set, as `setup` does; FSDP / FSDP2 distributed checkpoints keep the base: see
+        `keep_adapter_weights_only`.)
+        """
+        if zero_stage(self._trainer) is None:
+            return True
+        return bool(getattr(self.trainer.strategy, "exclude_frozen_parameters", False))
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._random_state.restore()  # here, not at load time: creating the data iterator draws random numbers

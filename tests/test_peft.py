@@ -291,3 +291,98 @@ def test_cli_export_of_peft_checkpoints(tmp_path, capsys):
     with pytest.raises(SystemExit):  # another base: the fingerprint differs
         export_main([checkpoint, str(tmp_path / "wrong"), "--base", str(tmp_path / "other_base")])
     assert "not the one they were trained on" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- sharded strategies
+# (the 2-process runs under every strategy are in tests/test_strategies.py, marker `multiprocess`)
+def test_adapter_keys_leave_out_the_names_fsdp_wrappers_insert():
+    from lit_bigmodel.adapters import adapter_keys
+
+    class Wrapper(torch.nn.Module):  # as FSDP1 (and activation checkpointing) nest a wrapped block
+        def __init__(self):
+            super().__init__()
+            self._fsdp_wrapped_module = torch.nn.Linear(2, 2)
+
+    root = torch.nn.Module()
+    root.block = Wrapper()
+    root.block._fsdp_wrapped_module.bias.requires_grad_(False)
+    assert adapter_keys(root, "model.") == {"model.block.weight"}  # the state dict's name
+
+
+def test_base_fingerprint_is_empty_for_weights_that_are_not_all_here():
+    from lit_bigmodel.adapters import base_fingerprint
+
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)).requires_grad_(False)
+    assert len(base_fingerprint(network)) == 2
+    network[1].weight.ds_id = 0  # a ZeRO-3 partition (its data is this rank's share only)
+    assert base_fingerprint(network) == []
+    meta = torch.nn.Linear(2, 2, device="meta").requires_grad_(False)
+    assert base_fingerprint(meta) == []
+
+
+def test_a_bf16_base_gets_bf16_adapters_under_fsdp_and_fp32_ones_elsewhere():
+    """FSDP1 flattens a block's frozen and trainable weights into one tensor of one dtype."""
+    from lit_bigmodel.adapters import uniform_trainable_dtype
+    from lit_bigmodel.strategies import fsdp_strategy
+
+    def base():
+        return AutoModelForCausalLM.from_config(CONFIGS["gpt2"]()).to(torch.bfloat16)
+
+    def trainable_dtypes(module):
+        return {p.dtype for p in module.model.parameters() if p.requires_grad}
+
+    plain = SFTModule(base, peft=_lora())
+    plain.configure_model()
+    assert trainable_dtypes(plain) == {torch.float32}  # peft's default: adapters in float32
+    sharded = SFTModule(base, peft=_lora())
+    sharded.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=fsdp_strategy(accelerator="cpu"), logger=False)
+    sharded.configure_model()
+    assert {p.dtype for p in sharded.model.parameters()} == {torch.bfloat16}
+    # FSDP2 wants one dtype among the trainable weights only: float32 LoRA beside a bfloat16 head to save is not
+    network = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2), torch.nn.Linear(2, 2))
+    network[0].to(torch.bfloat16).requires_grad_(False)
+    network[1].to(torch.bfloat16)
+    uniform_trainable_dtype(network)
+    assert {p.dtype for p in network.parameters()} == {torch.bfloat16}
+    network[1].float()
+    network[2].float()
+    uniform_trainable_dtype(network)  # uniform already: left in float32
+    assert {p.dtype for p in network[1:].parameters()} == {torch.float32}
+
+
+def test_adapted_copy_from_a_gathered_state_merges_and_saves_like_the_live_network(tmp_path):
+    """What `export` does under DeepSpeed / FSDP / FSDP2: a CPU copy rebuilt from the config and the full state."""
+    from lit_bigmodel.adapters import adapted_copy, export_adapters
+
+    torch.manual_seed(0)
+    module = SFTModule(CONFIGS["llama"](), peft=_lora(use_dora=True))
+    module.configure_model()
+    _perturb_adapters(module)
+    module.model.eval()
+    x = _tokens(module)
+    with torch.no_grad():
+        adapted = module.model(input_ids=x).logits
+    state = {key: value.detach().clone() for key, value in module.model.state_dict().items()}
+    random_state = torch.random.get_rng_state()
+    copy = adapted_copy(module.model, module.adapters, "causal_lm", state)
+    assert torch.equal(torch.random.get_rng_state(), random_state)  # ranks keep drawing alike after an export
+    export_adapters(str(tmp_path / "merged"), copy)
+    export_adapters(str(tmp_path / "adapter"), copy, merge=False)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    base = AutoModelForCausalLM.from_config(CONFIGS["llama"]())
+    base.load_state_dict({k.replace(".base_layer", ""): v for k, v in state.items() if "lora_" not in k}, strict=False)
+    reloaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x).logits, adapted, rtol=0, atol=1e-5)
+        torch.testing.assert_close(reloaded(input_ids=x).logits, adapted, rtol=0, atol=1e-5)
+
+
+def test_distillation_checkpoints_with_peft_load_with_weights_only(tmp_path):
+    """DistillationModule records its **kwargs (peft among them) as hyperparameters; a PeftConfig object there
+    would make Lightning's resume (torch.load with weights_only=True) fail."""
+    L.seed_everything(0)
+    module = DistillationModule(CONFIGS["gpt2"](), CONFIGS["gpt2"](), learning_rate=1e-2, peft=_lora())
+    trainer = _fit(module, tmp_path, max_steps=1, enable_checkpointing=True)
+    checkpoint = torch.load(trainer.checkpoint_callback.best_model_path, weights_only=True)
+    assert "peft" not in checkpoint.get("hyper_parameters", {})
+    assert "lit_bigmodel_adapters" in checkpoint

@@ -6,6 +6,7 @@ ZeRO-2 / ZeRO-3 on CPU with gloo, through ``tests/scripts/sharded.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ from transformers import AutoModelForCausalLM, GPT2Config
 from lit_bigmodel import SFTModule
 from lit_bigmodel.datamodules import ArithmeticDataModule
 from lit_bigmodel.errors import ConfigurationError, MissingPathError, OutputExistsError
-from lit_bigmodel.export import export_checkpoint
+from lit_bigmodel.export import export_checkpoint, load_consolidated
 from lit_bigmodel.strategies import (
     CPUDeepSpeedStrategy,
     CPUFSDPStrategy,
@@ -109,6 +110,29 @@ def test_an_empty_group_is_left_out():
     module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
     groups = module.configure_optimizers()["optimizer"].param_groups
     assert len(groups) == 1 and groups[0]["weight_decay"] == 0.0
+
+
+def test_setup_gives_sharded_strategies_what_peft_adapters_need():
+    """FSDP1 needs use_orig_params=True for frozen and trainable weights in one unit; DeepSpeed writes the weights
+    into its own files, adapter-only with exclude_frozen_parameters (unless full_checkpoints=True)."""
+    peft = pytest.importorskip("peft")
+    lora = peft.LoraConfig(r=4, target_modules="all-linear")
+
+    def set_up(module, strategy):
+        module.trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+        module.setup("fit")
+        return module.trainer.strategy
+
+    assert fsdp_strategy(accelerator="cpu").kwargs["use_orig_params"]  # Lightning's default
+    with pytest.warns(UserWarning, match="use_orig_params=True"):
+        strategy = set_up(SFTModule(_gpt2(), peft=lora), fsdp_strategy(accelerator="cpu", use_orig_params=False))
+    assert strategy.kwargs["use_orig_params"] is True
+    strategy = set_up(SFTModule(_gpt2()), fsdp_strategy(accelerator="cpu", use_orig_params=False))
+    assert strategy.kwargs["use_orig_params"] is False  # without adapters: as the user asked
+    if importlib.util.find_spec("deepspeed") is not None:
+        assert set_up(SFTModule(_gpt2(), peft=lora), deepspeed_strategy(3, accelerator="cpu")).exclude_frozen_parameters
+        full = SFTModule(_gpt2(), peft=lora, full_checkpoints=True)
+        assert not set_up(full, deepspeed_strategy(3, accelerator="cpu")).exclude_frozen_parameters
 
 
 # ---------------------------------------------------------------------------------------------- offline export
@@ -214,6 +238,76 @@ def test_module_trains_under_strategy_and_exports_the_sharded_model(kind, strate
     assert report["max_abs_dlogit"] <= 1e-5
     if kind == "sft":  # offline export from the sharded checkpoint: the same logits
         out = export_checkpoint(tmp_path / "ckpt", tmp_path / "offline")
+        reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            logits = reloaded(input_ids=PROBE).logits
+        assert (logits - torch.load(tmp_path / "probe_logits.pt")).abs().max() <= 1e-5
+
+
+def _lora_fingerprint(base_dir: Path) -> list[float]:
+    """The base fingerprint a single-process module takes of ``base_dir`` with the scripts' LoRA config."""
+    from peft import LoraConfig
+
+    module = SFTModule(str(base_dir), peft=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    module.configure_model()
+    return module._base_fingerprint
+
+
+# every strategy for SFT and distillation's student; FSDP2 writing one full file (adapter-only) for SFT
+LORA_RUNS = [(kind, strategy) for kind in ("sft_lora", "distill_lora") for strategy in STRATEGIES]
+LORA_RUNS.append(("sft_lora", "fsdp2_full_state"))
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize(("kind", "strategy"), LORA_RUNS)
+def test_lora_trains_exports_and_resumes_under_strategy(kind, strategy, tmp_path):
+    """peft LoRA on every linear layer of a saved base, 2 processes: only the adapters train, both exports give
+    the sharded model's logits, the checkpoint resumes, and `lit-bigmodel export` rebuilds it offline."""
+    pytest.importorskip("peft")
+    if "deepspeed" in strategy:
+        pytest.importorskip("deepspeed")
+    done = _run(kind, strategy, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["world_size"] == 2 and report["global_step"] == 6
+    losses = report["losses"]
+    assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
+    assert losses[-1] < losses[0]  # it learns
+    start, end = report["start"]["split"], report["end"]
+    assert start["lora_B_abs"] == 0.0  # the adapters start as the identity (ZeRO-3 included)
+    assert end["base"] == start["base"]  # the frozen base never moves ...
+    assert start["base"] == pytest.approx(report["saved_state_checksum"], rel=1e-12)  # ... and is the saved one
+    assert end["adapters"] != start["adapters"] and end["lora_B_abs"] > 0  # the adapters train
+    assert report["trainable"] > 0 and report["trainable_not_lora"] == []
+    assert report["dtypes"] == ["torch.float32"]
+    if kind == "distill_lora":
+        assert report["teacher_trainable"] == 0 and report["teacher_lora"] == 0
+    # the fingerprint of the frozen base is taken before sharding (never from shards: [] there, no collective)
+    sharded = strategy not in ("ddp", "deepspeed_stage_2")
+    assert report["fingerprint_live"] == ([] if sharded else report["fingerprint_at_build"])
+    if strategy == "deepspeed_stage_3":  # built as partitions: no fingerprint
+        assert report["fingerprint_at_build"] == []
+    else:
+        assert report["fingerprint_at_build"] == pytest.approx(_lora_fingerprint(tmp_path / "base"), rel=1e-9)
+    # live exports (collective) == the sharded model's own logits: merged, and the adapter folder on the base
+    assert report["max_abs_dlogit"] <= 1e-5
+    assert report["adapter_max_abs_dlogit"] <= 1e-5
+    # resume: the second fit starts from what the first ended with
+    resumed = report["resumed"]
+    assert resumed["global_step"] == 8 and len(resumed["losses"]) == 2
+    assert resumed["start"]["base"] == pytest.approx(end["base"], rel=1e-12)
+    assert resumed["start"]["adapters"] == pytest.approx(end["adapters"], rel=1e-12)
+    # the checkpoint: adapter-only, except FSDP / FSDP2 distributed checkpoints (each rank writes its shards)
+    full = load_consolidated(tmp_path / "ckpt")
+    weights = [key for key in full["state_dict"] if key.startswith("model.")]
+    adapter_only = strategy not in ("fsdp", "fsdp2")
+    assert ("lit_bigmodel_adapters" in full) == adapter_only
+    assert all("lora_" in key for key in weights) == adapter_only
+    assert "hyper_parameters" not in full or "peft" not in full["hyper_parameters"]  # loadable with weights_only
+    if kind == "sft_lora":  # offline export from the checkpoint: the same logits
+        out = export_checkpoint(
+            tmp_path / "ckpt", tmp_path / "offline", base=tmp_path / "base" if adapter_only else None
+        )
         reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
         with torch.no_grad():
             logits = reloaded(input_ids=PROBE).logits
