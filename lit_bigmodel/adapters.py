@@ -311,6 +311,9 @@ def adapted_copy(network: nn.Module, wrapper: Any, task: str, state: dict[str, t
             f"exporting adapters from a sharded run rebuilds the network from its config, and "
             f"{type(network).__name__} has none: it is not a Hugging Face model."
         )
+    config = copy.deepcopy(config)
+    if hasattr(config, "quantization_config"):  # the copy holds full-precision (dequantized) weights
+        del config.quantization_config
     with torch.random.fork_rng(devices=[]):  # base and adapters draw fresh weights: keep this rank's random stream
-        base = build_model(copy.deepcopy(config), cast(Task, task))
+        base = build_model(config, cast(Task, task))
         return load_adapted(base, peft_config_dict(wrapper), task, state, adapter_only=False)

@@ -129,7 +129,9 @@ class DistillationModule(SFTModule):
             raise ConfigurationError(" ".join([str(err), *problems])) from None
         if problems:
             raise ConfigurationError(" ".join(problems))
-        self.save_hyperparameters(ignore=["student", "teacher", "tokenizer", "teacher_tokenizer", "objective", "peft"])
+        self.save_hyperparameters(
+            ignore=["student", "teacher", "tokenizer", "teacher_tokenizer", "objective", "peft", "quantization"]
+        )
         self.teacher_source = teacher
         self.teacher_tokenizer = load_tokenizer(teacher_tokenizer) if teacher_tokenizer is not None else None
         self.objective = DistillationObjective(

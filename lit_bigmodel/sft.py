@@ -9,7 +9,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import BitsAndBytesConfig, PreTrainedTokenizerBase
 
 from lit_bigmodel._checks import check_number
 from lit_bigmodel._rng import PendingRandomState
@@ -45,8 +45,16 @@ from lit_bigmodel.inputs import network_inputs
 from lit_bigmodel.nets.builders import ModelSource, Task, build_model, max_positions
 from lit_bigmodel.objectives import CausalLMObjective, ClassificationObjective, Objective, Step, UnitWeighting
 from lit_bigmodel.optim import adamw, decay_groups
+from lit_bigmodel.qlora import (
+    check_quantization,
+    check_quantized_device,
+    compute_dtype,
+    dequantized_state,
+    prepare_quantized,
+)
 from lit_bigmodel.schedules import LRSchedule, ModuleScheduleName, callback_sets_learning_rate
 
+_CONFIG_OBJECTS = ("peft", "quantization")  # arguments that are objects, left out of checkpoints' hyperparameters
 _TASKS = ("causal_lm", "sequence_classification")
 _SCHEDULES = ("cosine", "linear", "constant")
 _COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -120,6 +128,12 @@ class SFTModule(L.LightningModule):
             writes the merged model or, with ``merge=False``, the adapter folder. Works under every
             strategy: ddp, FSDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3 (see `_inject_adapters`, `export`).
         full_checkpoints: with ``peft``, checkpoints hold the whole network (the base too).
+        quantization: QLoRA: a ``transformers.BitsAndBytesConfig`` (``load_in_4bit=True``,
+            ``bnb_4bit_quant_type="nf4"``, ``bnb_4bit_compute_dtype=torch.bfloat16``): the base loads
+            quantized through bitsandbytes (``model`` must be a directory or hub id; ``peft`` is
+            required), the adapters train in the compute dtype. Needs a CUDA device, on one device or
+            under DDP (`lit_bigmodel.qlora`). Export with ``merge=False`` (the adapter folder) or
+            ``dequantize=True`` (merged into the dequantized base).
 
     Raises:
         ConfigurationError: an invalid argument (named in the message).
@@ -157,6 +171,7 @@ class SFTModule(L.LightningModule):
         objective: Objective | None = None,
         peft: PeftConfig | None = None,
         full_checkpoints: bool = False,
+        quantization: BitsAndBytesConfig | None = None,
     ) -> None:
         super().__init__()
         problems = [
@@ -186,9 +201,12 @@ class SFTModule(L.LightningModule):
             problems.append(f"`objective` must be an Objective (lit_bigmodel.objectives) or None, got {objective!r}.")
         if peft is not None and (problem := check_peft_config(peft, task)) is not None:
             problems.append(problem)
+        if quantization is not None and (problem := check_quantization(quantization, model, peft)) is not None:
+            problems.append(problem)
         if problems:
             raise ConfigurationError(" ".join(problems))
-        self.save_hyperparameters(ignore=["model", "tokenizer", "objective", "peft"])
+        self.save_hyperparameters(ignore=["model", "tokenizer", "objective", "peft", "quantization"])
+        self.quantization = quantization
         self.peft = peft
         self.full_checkpoints = full_checkpoints
         self.adapters: Any = None  # the peft.PeftModel around the network (saves and merges the adapters)
@@ -251,6 +269,10 @@ class SFTModule(L.LightningModule):
             self.metrics = EvaluationMetrics(self.task, self.num_labels)
         if self.peft is not None:
             self._configure_strategy_for_adapters()
+        if self.quantization is not None and self._trainer is not None:
+            strategy = self.trainer.strategy
+            if (problem := check_quantized_device(strategy.root_device, type(strategy).__name__)) is not None:
+                raise ConfigurationError(problem)
 
     def _configure_strategy_for_adapters(self) -> None:
         """What the sharded strategies need for ``peft`` adapters, set before they wrap the network.
@@ -279,7 +301,9 @@ class SFTModule(L.LightningModule):
         if self.model is not None:
             return
         with hf_zero3_loading(self._trainer):  # Lightning builds under deepspeed.zero.Init at stage 3
-            self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer)
+            self.model = build_model(self.model_source, self.task, self.num_labels, self.tokenizer, self._load_kwargs())
+        if self.quantization is not None:
+            self.model = prepare_quantized(self.model)
         self.model.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes as they are
         if self.peft is not None:
             self._inject_adapters()
@@ -301,6 +325,13 @@ class SFTModule(L.LightningModule):
         ):
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
 
+    def _load_kwargs(self) -> dict[str, Any] | None:
+        """``from_pretrained`` options: a quantized base loads quantized, onto the Trainer's device."""
+        if self.quantization is None:
+            return None
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        return {"quantization_config": self.quantization, "device_map": {"": device}}
+
     def _inject_adapters(self) -> None:
         """Wrap the network with the ``peft`` adapters (in ``configure_model``, before FSDP2 shards it).
 
@@ -317,6 +348,11 @@ class SFTModule(L.LightningModule):
             self.model, adapters = apply_adapters(self.model, self.peft, self.task, match_base_dtype=fsdp1)
         if is_fsdp2(self._trainer):
             uniform_trainable_dtype(self.model)
+        if self.quantization is not None:  # QLoRA: the adapters compute in the base's compute dtype
+            dtype = compute_dtype(self.quantization)
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    param.data = param.data.to(dtype)
         object.__setattr__(self, "adapters", adapters)  # not a submodule: it holds the network itself
         self._base_fingerprint = base_fingerprint(self.model)
 
@@ -473,7 +509,13 @@ class SFTModule(L.LightningModule):
             value = getattr(getattr(self.model, "config", None), name, None)
         return value if isinstance(value, int) else None
 
-    def export(self, dirpath: str | os.PathLike[str], overwrite: bool = False, merge: bool | None = None) -> str:
+    def export(
+        self,
+        dirpath: str | os.PathLike[str],
+        overwrite: bool = False,
+        merge: bool | None = None,
+        dequantize: bool = False,
+    ) -> str:
         """Write a ``save_pretrained`` directory (model and, if known, tokenizer) that ``transformers`` loads.
 
         The directory is written beside the target and renamed into place, so it is either
@@ -487,9 +529,13 @@ class SFTModule(L.LightningModule):
         DeepSpeed, FSDP and FSDP2 the adapted network's full state dict is gathered (collective), and
         rank zero loads it into a CPU copy of the network, rebuilt from its config, which merges or saves.
 
+        A quantized base (``quantization``) merges only with ``dequantize=True``: the adapters are merged
+        into a float32 CPU copy of the dequantized base (what the quantized network computes with), which
+        is written without quantization. Merging into the 4-bit weights would round them again.
+
         Raises:
             OutputExistsError: ``dirpath`` exists and is not empty, and ``overwrite`` is False.
-            ConfigurationError: ``merge=False`` without ``peft``.
+            ConfigurationError: ``merge=False`` without ``peft``; merging a quantized base without ``dequantize``.
 
         Example::
 
@@ -499,6 +545,12 @@ class SFTModule(L.LightningModule):
         target = check_target(dirpath, overwrite)
         if merge is False and self.peft is None:
             raise ConfigurationError("`merge=False` exports adapters, but the module has no `peft` adapters.")
+        if self.quantization is not None and merge is not False and not dequantize:
+            raise ConfigurationError(
+                "the base is quantized (`quantization`): merging the adapters into its 4-bit / 8-bit weights would "
+                "quantize them again and lose part of what was learnt. Pass dequantize=True (merge into the "
+                "dequantized base, written in float32) or merge=False (the adapter folder)."
+            )
         if self.model is None:
             raise ConfigurationError(
                 "nothing to export: the model is not built yet (train it, or call configure_model())."
@@ -517,6 +569,8 @@ class SFTModule(L.LightningModule):
                 wrapper = adapted_copy(network, self.adapters, self.task, state)
             elif self._trainer is not None and not self.trainer.is_global_zero:
                 return target
+            elif self.quantization is not None and merge is not False:
+                wrapper = adapted_copy(network, self.adapters, self.task, dequantized_state(network))
             return export_adapters(target, wrapper, self.tokenizer, merge=merge is not False)
         state = full_state_dict(self._trainer, self, network)  # collective under sharding; None off rank zero
         if state is None:
@@ -543,10 +597,12 @@ class SFTModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._random_state.save(checkpoint)
         hparams = checkpoint.get(self.CHECKPOINT_HYPER_PARAMS_KEY)
-        if isinstance(hparams, dict) and hparams.get("peft") is not None:
-            # A subclass that saves its own hyperparameters (DistillationModule's **kwargs) records the PeftConfig
-            # object, and Lightning then refuses to resume (torch.load with weights_only=True): left out, as here.
-            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {k: v for k, v in hparams.items() if k != "peft"}
+        if isinstance(hparams, dict) and any(hparams.get(key) is not None for key in _CONFIG_OBJECTS):
+            # A subclass that saves its own hyperparameters (through **kwargs) records the PeftConfig or
+            # BitsAndBytesConfig object, and Lightning then refuses to resume (torch.load with weights_only=True).
+            checkpoint[self.CHECKPOINT_HYPER_PARAMS_KEY] = {
+                k: v for k, v in hparams.items() if k not in _CONFIG_OBJECTS
+            }
         if self.adapters is not None and not self.full_checkpoints and self._adapter_only_checkpoints():
             keep_adapter_weights_only(checkpoint, self, self._base_fingerprint)
         if self.model is not None:  # for `lit-bigmodel export CKPT OUT`: the config and tokenizer, not only weights

@@ -28,6 +28,7 @@ def build_model(
     task: Task,
     num_labels: int | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    load_kwargs: dict[str, Any] | None = None,
 ) -> nn.Module:
     """Return the network ``source`` describes, for ``task``.
 
@@ -36,6 +37,9 @@ def build_model(
       none was set, transformers' default); with a ``tokenizer``, the vocabulary size and
       the pad / BOS / EOS ids are taken from it, so a config and a locally built tokenizer agree;
     - a callable: called with no arguments, its result returned as is.
+
+    ``load_kwargs`` go to ``from_pretrained`` (e.g. ``quantization_config``, ``device_map``); they need a
+    directory or hub id.
 
     Raises:
         MissingPathError: a local path that does not exist, or a name that cannot be loaded.
@@ -49,6 +53,10 @@ def build_model(
     label_kwargs: dict[str, Any] = (
         {"num_labels": num_labels} if task == "sequence_classification" and num_labels else {}
     )
+    if load_kwargs and not isinstance(source, (str, os.PathLike)):
+        raise ConfigurationError(
+            f"loading options {sorted(load_kwargs)} need `model` to be a directory or hub id, got {type(source).__name__}."
+        )
     if isinstance(source, PretrainedConfig):
         # A deep copy, so the caller's config stays unchanged; it keeps what `to_dict` leaves out,
         # such as the attention implementation asked for with `attn_implementation=`.
@@ -65,7 +73,7 @@ def build_model(
         if looks_like_local_path(name) and not os.path.isdir(name):
             raise MissingPathError(f"model directory {name!r} does not exist.")
         try:
-            return _AUTO[task].from_pretrained(name, **label_kwargs)
+            return _AUTO[task].from_pretrained(name, **label_kwargs, **(load_kwargs or {}))
         except (OSError, ValueError) as err:
             if os.path.isdir(name):
                 raise ConfigurationError(
