@@ -29,6 +29,9 @@ class EarlyStopping(LightningEarlyStopping):
     - **Resume**: the best score *and* the best weights are in the checkpoint (the callback's state), so a
       resumed run restores the best weights even when they were found before the interruption. The
       checkpoint grows by one copy of the weights.
+    - **Adapters**: with ``peft`` adapters (``SFTModule(peft=...)``, ``DistillationModule(peft=...)``) the copy
+      holds the trainable weights only (adapters, projections, buffers): the frozen base and teacher do not
+      change during fit, and an adapter-only checkpoint stays adapter-only.
     - **Ranks agree**: the monitored value is averaged across ranks before it is compared (Lightning's
       callback compares each rank's own value, so ranks could keep different counters). Improvement,
       patience, the stop and the restored weights are the same on all ranks. Under DDP only rank 0 keeps
@@ -152,7 +155,10 @@ class EarlyStopping(LightningEarlyStopping):
             self.best_epoch, self.best_step = trainer.current_epoch, trainer.global_step
             if self.restore_best_weights and (trainer.world_size == 1 or trainer.is_global_zero):
                 module = trainer.lightning_module
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items()}
+                frozen = _frozen_keys(module)
+                self.best_weights = {
+                    k: v.detach().to("cpu", copy=True) for k, v in module.state_dict().items() if k not in frozen
+                }
         return should_stop, reason
 
     # ------------------------------------------------------------------ the restore
@@ -168,11 +174,17 @@ class EarlyStopping(LightningEarlyStopping):
             have = bool(trainer.strategy.broadcast(have, src=0))
         if not have:
             return
+        frozen = _frozen_keys(pl_module)
         if self.best_weights is not None:
-            pl_module.load_state_dict(self.best_weights)
+            result = pl_module.load_state_dict(self.best_weights, strict=not frozen)
+            misfits = sorted(set(result.missing_keys) - frozen) + list(result.unexpected_keys)
+            if misfits:
+                raise RuntimeError(f"EarlyStopping: the kept best weights do not fit the module: {misfits[:5]}.")
         if distributed:  # rank 0 sends its copy into the other ranks' tensors (through the device NCCL needs)
             device = trainer.strategy.root_device
-            for tensor in pl_module.state_dict().values():
+            for key, tensor in pl_module.state_dict().items():
+                if key in frozen:
+                    continue
                 buffer = tensor.to(device).contiguous()
                 torch.distributed.broadcast(buffer, src=0)
                 if buffer is not tensor:
@@ -198,3 +210,14 @@ class EarlyStopping(LightningEarlyStopping):
         self.best_weights = state_dict.get("best_weights")
         self.best_epoch = int(state_dict.get("best_epoch", -1))
         self.best_step = int(state_dict.get("best_step", -1))
+
+
+def _frozen_keys(module: torch.nn.Module) -> set[str]:
+    """State-dict keys of the frozen parameters of a module that trains ``peft`` adapters; empty for any other.
+
+    Only with adapters: in full fine-tuning a frozen parameter may be unfrozen later (a backbone thawed by a
+    callback), so the copy keeps every weight.
+    """
+    if getattr(module, "adapters", None) is None:
+        return set()
+    return {name for name, param in module.named_parameters(remove_duplicate=False) if not param.requires_grad}

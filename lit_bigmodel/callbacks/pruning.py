@@ -11,6 +11,7 @@ plain ``weight`` tensors (no ``weight_orig`` / ``weight_mask`` reparametrization
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -91,6 +92,12 @@ class Pruning(Callback):
     strategies (FSDP, DeepSpeed, ModelParallel) are refused in ``setup``: each rank holds only
     flattened shards, so per-layer masks and magnitude ranks cannot be computed locally.
 
+    Adapters: a module with ``peft`` adapters (``SFTModule(peft=...)``) or a network holding peft adapter
+    layers is refused: the base weights are frozen and the merged export adds the adapters' update to
+    them (merged weight = pruned base + B·A), so the zeros would not survive the export. Prune after
+    merging: export the merged model (``module.export(dir)``), then fine-tune ``SFTModule(dir)`` with
+    ``Pruning`` and no ``peft``.
+
     Logs (rank zero) ``pruning/sparsity`` (global) and ``pruning/sparsity/<module>``, the fraction of
     exact zeros in the weights, at each mask update and every ``log_every_n_steps``.
 
@@ -116,7 +123,8 @@ class Pruning(Callback):
 
     Raises:
         ConfigurationError: (a ``ValueError``) invalid arguments, all named in one message; in
-            ``setup`` a sharded strategy; in ``on_fit_start`` a pattern matching no module, nothing
+            ``setup`` a sharded strategy or a module with ``peft`` adapters; in ``on_fit_start`` (and
+            `prune_module`) a network with peft adapter layers, a pattern matching no module, nothing
             to prune, an N:M layer whose input size is not a multiple of ``m``, or masks in a
             checkpoint that do not fit the model.
 
@@ -303,6 +311,9 @@ class Pruning(Callback):
                 "per-layer masks and magnitude ranks cannot be computed on one rank. Use strategy='ddp' or one device, "
                 "then prune the exported model."
             )
+        peft = getattr(pl_module, "peft", None)
+        if peft is not None:
+            raise ConfigurationError(f"Pruning: `peft` must be None, got {type(peft).__name__}: {_AFTER_MERGING}")
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._resolve_steps(trainer)
@@ -416,6 +427,10 @@ class Pruning(Callback):
 
     # ------------------------------------------------------------------ internals
     def _resolve_targets(self, module: nn.Module) -> tuple[list[Target], list[HeadLayer]]:
+        adapted = _adapter_layers(module)
+        if adapted:
+            shown = ", ".join(adapted[:3]) + (f" and {len(adapted) - 3} more" if len(adapted) > 3 else "")
+            raise ConfigurationError(f"Pruning: the network has peft adapter layers ({shown}): {_AFTER_MERGING}")
         targets, heads, problems = find_targets(module, self.method, self.include, self.exclude, self.prune_embeddings)
         if self.method == "n:m":
             problems += nm_problems(targets, self.m)
@@ -480,6 +495,22 @@ class Pruning(Callback):
         for handle in self._hooks:
             handle.remove()
         self._hooks = []
+
+
+_AFTER_MERGING = (
+    "the base weights under adapters are frozen, and the merged export adds the adapters' update to them "
+    "(merged weight = pruned base + B·A), so its zeros would be lost. Prune after merging: export the merged "
+    "model (`module.export(dir)`), then fine-tune SFTModule(dir) with Pruning and no `peft`."
+)
+
+
+def _adapter_layers(module: nn.Module) -> list[str]:
+    """Names of the peft adapter layers (LoRA, DoRA, ...) in ``module``; none when peft was never imported."""
+    if "peft" not in sys.modules:
+        return []
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [name for name, layer in module.named_modules() if isinstance(layer, BaseTunerLayer)]
 
 
 def _is_step(value: Any) -> bool:
