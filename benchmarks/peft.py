@@ -29,9 +29,12 @@ about 0.4 GiB) and how much that peak grew during ``fit`` (network, gradients, o
 activations); on CUDA ``torch.cuda.max_memory_allocated`` from the start of training.
 
 ``--llama1b`` (CUDA only; instead of parts 1 and 2): the TinyLlama-1.1B shape from a ``LlamaConfig``
-(random weights), bf16 weights (``precision="bf16-true"``), random tokens, batch 4 x 2048, a few
-steps, eager: peak memory and tokens/s of full bf16 training vs LoRA. QLoRA (a 4-bit base through
-bitsandbytes) is not implemented in lit_bigmodel yet and is listed as not available.
+(random weights, saved once in bf16 to a temporary directory), random tokens, batch 4 x 2048, a few
+steps, gradient checkpointing on (the QLoRA recipe; otherwise activations dominate every method's
+peak): peak memory and tokens/s of full bf16 training (``precision="bf16-true"``) vs LoRA on the bf16
+base (``bf16-true``) vs QLoRA: the base loaded in 4-bit NF4 through bitsandbytes, compute and
+adapters in bf16 (``SFTModule(quantization=BitsAndBytesConfig(...))``, ``precision="bf16-mixed"``:
+the norms and embeddings peft's k-bit preparation keeps in float32 compute under autocast).
 
     python benchmarks/peft.py                 # parts 1 and 2 (estimated 15 minutes on an idle 2-core CPU)
     python benchmarks/peft.py --skip-minilm   # part 1 only (estimated 10 minutes on an idle 2-core CPU)
@@ -215,7 +218,7 @@ def child_minilm(args: argparse.Namespace, method: str, workdir: str) -> dict[st
     return result
 
 
-def child_llama(args: argparse.Namespace, method: str) -> dict[str, Any]:
+def child_llama(args: argparse.Namespace, method: str, workdir: str) -> dict[str, Any]:
     import lightning as L
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -232,13 +235,25 @@ def child_llama(args: argparse.Namespace, method: str) -> dict[str, Any]:
     loader = torch.utils.data.DataLoader(
         [{"input_ids": row, "labels": row} for row in tokens], batch_size=batch, pin_memory=True
     )
+    base_dir = os.path.join(workdir, "tinyllama_shape")
+    if not os.path.isdir(base_dir):  # the first method's process writes it; the others load it
+        L.seed_everything(0)
+        AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base_dir)
     L.seed_everything(0)
     lr = 2e-5 if method == "full" else 2e-4
+    quantization = None
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
     module = SFTModule(
-        lambda: AutoModelForCausalLM.from_config(config), learning_rate=lr, warmup_steps=0, compile=False,
-        peft=lora_config(args, method),
+        base_dir, learning_rate=lr, warmup_steps=0, compile=False, gradient_checkpointing=True,
+        peft=lora_config(args, "lora" if method == "qlora" else method), quantization=quantization,
     )  # fmt: skip
-    result = fit(module, loader, args.llama_steps, precision="bf16-true")
+    result = fit(module, loader, args.llama_steps, precision="bf16-mixed" if method == "qlora" else "bf16-true")
     result["tokens_per_s"] = batch * seq / (result["step_ms"] / 1e3)
     return result
 
@@ -250,7 +265,7 @@ def run_child(spec: dict[str, Any]) -> dict[str, Any]:
         return child_arithmetic(args, method, workdir)
     if part == "minilm":
         return child_minilm(args, method, workdir)
-    return child_llama(args, method)
+    return child_llama(args, method, workdir)
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -357,14 +372,13 @@ def minilm(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
 
 def llama1b(args: argparse.Namespace, workdir: str) -> dict[str, Any]:
     runs: dict[str, Any] = {}
-    for method in ("full", "lora"):
+    for method in ("full", "lora", "qlora"):
         row = launch(args, "llama1b", method, workdir)
         if row is not None:
             runs[method] = row
             print(
                 f"  llama1b {LLAMA_NAMES[method]}: {row['tokens_per_s']:,.0f} tokens/s, peak {row['peak_gpu_mib']:,.0f} MiB"
             )
-    runs["qlora"] = {"available": False, "reason": "QLoRA (4-bit base through bitsandbytes) is not in lit_bigmodel yet"}
     return {"batch": LLAMA_SHAPE[0], "seq": LLAMA_SHAPE[1], "steps": args.llama_steps, "runs": runs}
 
 

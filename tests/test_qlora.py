@@ -216,3 +216,35 @@ def test_qlora_from_the_cli_yaml_without_cuda_is_one_line_before_training(base_d
     err = capsys.readouterr().err.strip().splitlines()
     assert err and "trains on a CUDA GPU" in err[-1]
     assert not root.exists() or not any(root.rglob("*.ckpt"))
+
+
+@pytest.mark.gpu
+def test_qlora_trains_on_cuda_and_both_exports_reload(base_dir, tmp_path):
+    """The CUDA path end to end: 4-bit base on the GPU, bf16 adapters learn, both exports give the model's logits."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    L.seed_everything(0)
+    module = SFTModule(base_dir, learning_rate=1e-2, warmup_steps=0, peft=_lora(), quantization=_nf4(torch.bfloat16))
+    trainer = L.Trainer(
+        accelerator="gpu", devices=1, max_steps=30, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, limit_val_batches=0,
+    )  # fmt: skip
+    losses: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+
+    trainer.callbacks.append(Record())
+    data = ArithmeticDataModule(batch_size=32, num_val=8, num_test=8)
+    trainer.fit(module, data)
+    layers = [m for m in module.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers and all(layer.weight.device.type == "cuda" for layer in layers)
+    assert sum(losses[-5:]) < sum(losses[:5])  # the adapters learn
+    x = _tokens().cuda()
+    with torch.no_grad():
+        adapted = module.model.train()(input_ids=x).logits.float().cpu()
+    merged = AutoModelForCausalLM.from_pretrained(module.export(tmp_path / "merged", dequantize=True)).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=x.cpu()).logits, adapted, rtol=0, atol=5e-2)  # bf16 compute

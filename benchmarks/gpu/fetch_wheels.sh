@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (repository root, kept out of git by .git/info/exclude) with what benchmarks/gpu/run.sh installs on a
-# GPU machine whose python3 (3.12, x86_64) lacks DeepSpeed: the deepspeed sdist and the wheels it needs there.
+# GPU machine whose python3 (3.12, x86_64) lacks DeepSpeed: the deepspeed sdist and the wheels it needs there, and
+# bitsandbytes (the `peft` part's QLoRA; 43 MB).
 #
 #   bash benchmarks/gpu/fetch_wheels.sh      # then: run(command="bash benchmarks/gpu/run.sh ...", carry=[".whl"])
 set -euo pipefail
@@ -18,5 +19,6 @@ for name in hjson pydantic pydantic_core annotated_types typing_inspection typin
         "${platforms[@]}" -d .whl "$name" ||
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "$name"
 done
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "${BITSANDBYTES:-bitsandbytes==0.50.2}"
 ls -la .whl
 du -sh .whl

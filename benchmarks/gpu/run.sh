@@ -2,7 +2,7 @@
 # The GPU measurements of the open issues, as one script for a machine with one CUDA GPU whose python3 has
 # torch, lightning, transformers and torchmetrics but not deepspeed (the `device` machine of our workplace).
 #
-#   bash benchmarks/gpu/run.sh [PART ...]      # parts: gputests throughput strategies pruning rollouts dstep maxmodel seqgan
+#   bash benchmarks/gpu/run.sh [PART ...]      # parts: gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft
 #
 # DeepSpeed (for `strategies` and `maxmodel`) installs from wheels carried in .whl/ in the repository root
 # (ignored by git): the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
@@ -13,7 +13,8 @@
 # Every part writes JSON/PNG under benchmarks/results/ and copies its log and results to $OUT. Budget (one H100/H200): gputests <1 min (the
 # `gpu`-marked tests: CUDA-graph D updates against eager ones, 16-mixed), throughput ~4 min, strategies ~4 min, pruning ~1 min (speed part
 # only), rollouts ~1 min, dstep ~1 min (one D update: eager vs CUDA graph), maxmodel ~10+ min, seqgan: a one-minute check of every phase
-# (--preset quick), then the paper run (goal <= 10 min; needs a command limit of 10 min to itself).
+# (--preset quick), then the paper run (goal <= 10 min; needs a command limit of 10 min to itself); peft ~3 min (the
+# `gpu` QLoRA test, then benchmarks/peft.py --llama1b: full bf16 vs LoRA vs QLoRA; bitsandbytes from .whl/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -22,8 +23,8 @@ mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(gputests throughput strategies pruning rollouts dstep)
 for part in "${parts[@]}"; do
-    case "$part" in gputests | throughput | strategies | pruning | rollouts | dstep | maxmodel | seqgan) ;;
-    *) echo "unknown part '$part': one of gputests throughput strategies pruning rollouts dstep maxmodel seqgan" >&2; exit 2 ;;
+    case "$part" in gputests | throughput | strategies | pruning | rollouts | dstep | maxmodel | seqgan | peft) ;;
+    *) echo "unknown part '$part': one of gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft" >&2; exit 2 ;;
     esac
 done
 
@@ -37,6 +38,16 @@ install_deepspeed() {  # into /tmp/site, once, in this shell (not in a pipeline'
     export PYTHONPATH="$PYTHONPATH:$site" PATH="$site/bin:$PATH"
     python3 -c "import deepspeed, accelerate; print('deepspeed', deepspeed.__version__)"
 }
+
+install_bitsandbytes() {  # into /tmp/site-bnb, once, in this shell
+    python3 -c "import bitsandbytes" 2>/dev/null && return 0
+    ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 || { echo "no .whl/bitsandbytes-*.whl: see the header" >&2; return 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-bnb .whl/bitsandbytes-*.whl || return 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site-bnb"
+    python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
+}
+
+case " ${parts[*]} " in *" peft "*) install_bitsandbytes > >(tee "$OUT/install_bnb.log") 2>&1 ;; esac
 
 case " ${parts[*]} " in
 *" strategies "* | *" maxmodel "*)
@@ -61,6 +72,9 @@ for part in "${parts[@]}"; do
         python3 benchmarks/seqgan_dstep.py --matmul-precision high
         python3 benchmarks/seqgan_dstep.py --matmul-precision highest --out benchmarks/results/seqgan_dstep_cuda_fp32.json ;;
     maxmodel) python3 benchmarks/max_model.py ;;
+    peft)
+        python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qlora.py
+        python3 benchmarks/peft.py --llama1b --out benchmarks/results/peft_llama1b_cuda.json ;;
     seqgan)
         oracle=${ORACLE:-shared/data/seqgan_oracle_lstm.npz}
         # D's convolutions as the dstep part measured fastest under a graph, if it ran; else CNNDiscriminator's "auto"
