@@ -25,11 +25,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from lit_bigmodel._quiet import quiet_imports
 from lit_bigmodel.errors import ConfigurationError
 from lit_bigmodel.export import check_finite
 
 try:  # optional dependency: the type of SFTModule's `peft` argument (the CLI reads it)
-    from peft import PeftConfig
+    with quiet_imports():
+        from peft import PeftConfig
 except ImportError:  # pragma: no cover - without peft, `peft=` is refused with how to install it
     PeftConfig = Any  # type: ignore[misc,assignment]
 
