@@ -4,6 +4,8 @@ Beyond Lightning's own arguments, ``fit`` takes ``--test_after_fit true`` (run t
 on the trained model and print its metrics) and ``--export_dir DIR`` (write a ``save_pretrained``
 directory at the end; ``--export_overwrite true`` to replace a non-empty one). ``lit-bigmodel export
 CKPT OUT`` exports a checkpoint offline (any strategy's checkpoint, sharded ones included).
+``lit-bigmodel tune -c CONFIG --search SPACE`` runs an Optuna study over the keys of a fit config
+(`lit_bigmodel.tuning`).
 
 Bad input (an unknown key, a value of the wrong type, a missing or unreadable file, a checkpoint that
 does not fit the model, an export directory in the way) ends the run with one line on stderr naming
@@ -15,10 +17,12 @@ Example::
 
     lit-bigmodel fit -c configs/sft_tiny.yaml
     lit-bigmodel fit -c configs/sft_tiny.yaml --trainer.max_steps 200 --export_dir out/model
+    lit-bigmodel tune -c configs/sft_tiny.yaml --search configs/tune_sft_tiny.yaml --n_trials 4
 """
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import os
 import re
@@ -391,14 +395,68 @@ def main() -> None:
     """Entry point of the ``lit-bigmodel`` console script (returns nothing, so the exit status is 0).
 
     ``lit-bigmodel export CKPT OUT`` writes a ``save_pretrained`` directory from a checkpoint
-    (`lit_bigmodel.export`); every other subcommand is LightningCLI's.
+    (`lit_bigmodel.export`); ``lit-bigmodel tune`` runs a hyperparameter study (`tune_main`); every other
+    subcommand is LightningCLI's.
     """
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from lit_bigmodel.export import main as export_main
 
         export_main(sys.argv[2:])
         return
+    if len(sys.argv) > 1 and sys.argv[1] == "tune":
+        tune_main(sys.argv[2:])
+        return
     run_cli()
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse with lit-bigmodel's one-line errors (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"lit-bigmodel: error: {_one_line(message)} (see `{self.prog} --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
+def tune_main(argv: list[str]) -> None:
+    """``lit-bigmodel tune -c CONFIG --search SPACE``: an Optuna study over a fit config (`lit_bigmodel.tuning`).
+
+    The flags replace the entries of the search file. Input errors print one line and exit with status 2
+    before anything is written.
+
+    Example::
+
+        lit-bigmodel tune -c configs/sft_tiny.yaml --search configs/tune_sft_tiny.yaml --n_trials 4 --seed 0
+    """
+    parser = _OneLineParser(prog="lit-bigmodel tune", description="Run an Optuna study over the keys of a fit config.")
+    parser.add_argument("-c", "--config", required=True, help="A `lit-bigmodel fit` config file.")
+    parser.add_argument("--search", required=True, help="The search file: params, monitor, direction, ...")
+    parser.add_argument(
+        "--study_dir", help="Trial folders, storage, best.yaml, pictures (default: runs/tune_<config>)."
+    )
+    parser.add_argument("--n_trials", type=int, help="Finished (complete or pruned) trials to reach.")
+    parser.add_argument("--timeout", type=float, help="Seconds after which this worker starts no new trial.")
+    parser.add_argument("--sampler", help="grid, random, tpe, gp, cmaes or nsga2.")
+    parser.add_argument("--pruner", help="median, asha, hyperband or none.")
+    parser.add_argument("--seed", type=int, help="Seeds the sampler.")
+    parser.add_argument(
+        "--storage", help="Optuna storage URL (e.g. postgresql://...); default: <study_dir>/journal.log."
+    )
+    parser.add_argument("--study_name", help="The study's name in the storage (default: the name of --study_dir).")
+    args = parser.parse_args(argv)
+    study_dir = args.study_dir or os.path.join("runs", f"tune_{os.path.splitext(os.path.basename(args.config))[0]}")
+    from lit_bigmodel.tuning import tune
+
+    try:
+        tune(
+            args.config, args.search, study_dir=study_dir, n_trials=args.n_trials, timeout=args.timeout,
+            sampler=args.sampler, pruner=args.pruner, seed=args.seed, storage=args.storage, study_name=args.study_name,
+        )  # fmt: skip
+    except Exception as err:
+        cause = _user_error(err)
+        if cause is None:
+            raise
+        print(f"lit-bigmodel: error: {_one_line(str(cause))}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
