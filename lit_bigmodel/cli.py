@@ -111,6 +111,12 @@ class LitBigModelCLI(LightningCLI):
             "--export_dir", type=str | None, default=None, help="After fit, export a save_pretrained directory here."
         )
         parser.add_argument("--export_overwrite", type=bool, default=False, help="Replace a non-empty --export_dir.")
+        parser.add_argument(
+            "--export_dequantize",
+            type=bool,
+            default=False,
+            help="QLoRA: merge the adapters into the dequantized base for --export_dir (written in float32).",
+        )
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         if args is None or isinstance(args, list):
@@ -151,6 +157,15 @@ class LitBigModelCLI(LightningCLI):
         problems: list[str] = []
         if subcommand == "fit":
             problems += _export_dir_problems(config.get("export_dir"), bool(config.get("export_overwrite")))
+            if (
+                config.get("export_dir")
+                and getattr(self.model, "quantization", None) is not None
+                and not config.get("export_dequantize")
+            ):
+                problems.append(
+                    "--export_dir merges the adapters, and the base is quantized (`quantization`): add "
+                    "--export_dequantize true (merge into the dequantized base, written in float32)."
+                )
         problems += _model_problems(self.model)
         if self.datamodule is not None:
             try:
@@ -191,7 +206,8 @@ class LitBigModelCLI(LightningCLI):
                 if "test/exact_match" in results[0]:
                     print(f"HELD-OUT EXACT MATCH: {100 * results[0]['test/exact_match']:.1f}%")
         if config.get("export_dir"):
-            path = self.model.export(config["export_dir"], overwrite=bool(config.get("export_overwrite")))
+            options = {"dequantize": True} if config.get("export_dequantize") else {}
+            path = self.model.export(config["export_dir"], overwrite=bool(config.get("export_overwrite")), **options)
             if report:
                 print(f"Exported the model to {path}")
 

@@ -191,10 +191,7 @@ def test_dequantized_weights_are_read_right_after_cpu_inference_repacked_them(ba
     torch.testing.assert_close(after, before, rtol=0, atol=1e-3)
 
 
-def test_qlora_from_the_cli_yaml_without_cuda_is_one_line_before_training(base_dir, tmp_path, capsys):
-    pytest.importorskip("bitsandbytes")
-    from lit_bigmodel.cli import run_cli
-
+def _qlora_yaml(base_dir, tmp_path):
     config = tmp_path / "qlora.yaml"
     config.write_text(
         "model:\n"
@@ -209,13 +206,31 @@ def test_qlora_from_the_cli_yaml_without_cuda_is_one_line_before_training(base_d
         "  class_path: lit_bigmodel.datamodules.ArithmeticDataModule\n"
         "  init_args: {batch_size: 4, num_val: 4, num_test: 4}\n"
     )
+    return config
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ([], "trains on a CUDA GPU"),
+        (["--export_dir", "EXPORT"], "add --export_dequantize true"),  # checked before the model loads
+        (["--export_dir", "EXPORT", "--export_dequantize", "true"], "trains on a CUDA GPU"),
+    ],
+)
+def test_qlora_from_the_cli_yaml_is_refused_in_one_line_before_training(base_dir, tmp_path, capsys, extra, message):
+    pytest.importorskip("bitsandbytes")
+    from lit_bigmodel.cli import run_cli
+
+    config = _qlora_yaml(base_dir, tmp_path)
     root = tmp_path / "runs"
+    extra = [str(tmp_path / "export") if arg == "EXPORT" else arg for arg in extra]
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(["fit", "-c", str(config), "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root)])
+        run_cli(["fit", "-c", str(config), "--trainer.max_steps", "2", "--trainer.default_root_dir", str(root), *extra])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err and "trains on a CUDA GPU" in err[-1]
+    assert err and message in err[-1]
     assert not root.exists() or not any(root.rglob("*.ckpt"))
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.gpu
