@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -14,6 +15,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel.augmentation import EDA
+from lit_bigmodel.datamodules._augmented import AugmentedSplit
 from lit_bigmodel.datamodules._records import (
     Record,
     check_columns,
@@ -51,13 +54,21 @@ class TokenizedDataModule(L.LightningDataModule):
     Subclasses implement ``encode(record, where)`` (one record → a dict of token lists, or raise a
     `DataError` naming ``where``) and may override ``load_records(split)`` to generate data instead
     of reading ``{split}_file`` / ``dataset``, ``required_columns`` to check a dataset's columns
-    up front, and ``assemble_splits`` to shape the tokenized splits.
+    up front, and ``assemble_splits`` to shape the tokenized splits. Subclasses whose records hold
+    text implement ``augment_record`` to accept ``augment``.
 
     Records come from files (``train_file``, ``val_file``, ``test_file``: JSONL or CSV paths, or
     ``datasets.Dataset`` objects) or from ``dataset`` (a ``DatasetDict``, a ``Dataset``, a dict of
     ``datasets.load_dataset`` arguments or a folder saved with ``save_to_disk``), whose splits
     ``dataset_splits`` names. `validate_inputs` reads, parses and tokenizes every split and writes
     nothing; `setup` does the same (once), then writes the tokenized cache files of ``cache_dir``.
+
+    With ``augment`` (an `EDA`), every training epoch serves each training example once as it is
+    and ``augment.num_aug`` times rewritten by ``augment_record`` and tokenized when loaded; the
+    rewrites depend only on ``(seed, epoch, record, copy)``, so a resumed run sees the batches of an
+    uninterrupted one. A rewrite longer than ``max_length`` is truncated with
+    ``overflow="truncate"``, else replaced by the original example. Validation and test data are
+    never augmented.
 
     Example::
 
@@ -81,6 +92,7 @@ class TokenizedDataModule(L.LightningDataModule):
         cache_dir: str | None = None,
         dataset: Any = None,
         dataset_splits: Mapping[str, str] | None = None,
+        augment: EDA | None = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -116,6 +128,13 @@ class TokenizedDataModule(L.LightningDataModule):
             problems.append(f"`eval_batch_size` must be >= 1 or None, got {eval_batch_size!r}.")
         if num_workers < 0:
             problems.append(f"`num_workers` must be >= 0, got {num_workers!r}.")
+        if augment is not None and not isinstance(augment, EDA):
+            problems.append(f"`augment` must be an `EDA` or None, got {augment!r}.")
+        elif augment is not None and type(self).augment_record is TokenizedDataModule.augment_record:
+            problems.append(
+                f"`augment` rewrites the text of each record, but {type(self).__name__} has no text field to "
+                "rewrite; augmentation works with TextClassificationDataModule and InstructionDataModule."
+            )
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.tokenizer = load_tokenizer(tokenizer)
@@ -133,7 +152,9 @@ class TokenizedDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.seed = seed
         self.cache_dir = cache_dir
+        self.augment = augment
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+        self._train_records: list[tuple[str, Record]] = []
         self._dataset_sources: dict[str, tuple[str, Any]] | None = None
         self._unwritten: list[_Tokenized] = []
 
@@ -166,6 +187,14 @@ class TokenizedDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def collate_fn(self, split: Split) -> Callable[[list[Any]], Any]:
+        raise NotImplementedError
+
+    def augment_record(self, record: Record, rewrite: Callable[[str], str]) -> Record:
+        """A copy of ``record`` whose augmentable text fields went through ``rewrite``; called lazily for training data.
+
+        Only the input side is rewritten (never a label or a completion). Not implemented here:
+        datamodules without it reject ``augment``.
+        """
         raise NotImplementedError
 
     def prepare_split(self, split: Split, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -220,6 +249,8 @@ class TokenizedDataModule(L.LightningDataModule):
             return
         tokenized = {split: result for split in SPLITS if (result := self._tokenize_split(split)) is not None}
         datasets = self.assemble_splits({split: result.examples for split, result in tokenized.items()})
+        if self.augment is not None:
+            self._augmented_copy(datasets["train"][0], epoch=0, copy=1)  # a bad record or synonym source fails here
         self._unwritten = [result for result in tokenized.values() if result.cache_path and not result.from_cache]
         self.datasets = datasets
 
@@ -252,15 +283,34 @@ class TokenizedDataModule(L.LightningDataModule):
                 f"no {split} data: set `{split}_file` or give `dataset` a {split} split"
                 + (", or `val_fraction` > 0." if split == "val" else ".")
             )
+        augment = self.augment if split == "train" else None
+        examples = self.datasets[split]
         return build_loader(
-            self.datasets[split],  # type: ignore[arg-type]
+            AugmentedSplit(examples, augment.num_aug, self._augmented_copy) if augment else examples,  # type: ignore[arg-type]
             batch_size=batch_size,
             collate_fn=self.collate_fn(split),
             trainer=self.trainer,
             shuffle=shuffle,
             seed=self.seed,
             num_workers=self.num_workers,
+            tag_epoch=augment is not None,
         )
+
+    def _augmented_copy(self, example: dict[str, Any], epoch: int, copy: int) -> dict[str, Any]:
+        """Augmented copy ``copy`` (>= 1) of a training example in ``epoch``, tokenized; seeded by (seed, epoch, record, copy)."""
+        assert self.augment is not None
+        augment, source = self.augment, example["source"]
+        where, record = self._train_records[source]
+        fields = itertools.count()  # every rewritten field of a record draws its own stream
+
+        def rewrite(text: str) -> str:
+            return augment(text, seed=f"{self.seed}/{epoch}/{source}/{copy}/{next(fields)}")
+
+        encoded = self.encode(self.augment_record(record, rewrite), f"{where} (augmented copy {copy})")
+        if self.max_length is not None and len(encoded["input_ids"]) > self.max_length and self.overflow != "truncate":
+            return example
+        fitted = self._fit_length(encoded, where)
+        return example if fitted is None else {**fitted, "source": source}
 
     def _source(self, split: Split) -> str | tuple[str, Any] | None:
         """A file path, a ``(split name, Dataset)`` pair, or None."""
@@ -277,16 +327,18 @@ class TokenizedDataModule(L.LightningDataModule):
         records = self.load_records(split)
         if records is None:
             return None
+        if split == "train" and self.augment is not None:
+            self._train_records = records  # rewritten per epoch; examples keep their record's index as "source"
         cache_path = self._cache_path(split, records)
         if cache_path is not None and os.path.isfile(cache_path):
             return _Tokenized(torch.load(cache_path, weights_only=True), cache_path, from_cache=True)
         examples, dropped = [], 0
-        for where, record in records:
+        for source, (where, record) in enumerate(records):
             example = self._fit_length(self.encode(record, where), where)
             if example is None:
                 dropped += 1
             else:
-                examples.append(example)
+                examples.append({**example, "source": source} if self.augment is not None else example)
         if dropped:
             rank_zero_warn(f"{split} split: dropped {dropped} example(s) longer than max_length={self.max_length}.")
         if not examples:
@@ -328,4 +380,7 @@ class TokenizedDataModule(L.LightningDataModule):
         return os.path.join(self.cache_dir, f"{split}-{digest.hexdigest()[:20]}.pt")
 
     def _cache_settings(self) -> dict[str, Any]:
-        return {"max_length": self.max_length, "overflow": self.overflow}
+        settings: dict[str, Any] = {"max_length": self.max_length, "overflow": self.overflow}
+        if self.augment is not None:
+            settings["sources"] = True  # the examples carry their record's index
+        return settings

@@ -16,16 +16,22 @@ class ResumableDistributedSampler(DistributedSampler):
 
     Lightning leaves a `DistributedSampler` in place and calls ``set_epoch`` on it, so the order of
     every epoch depends only on ``seed`` and the epoch number; after a mid-epoch resume ``skip``
-    drops the samples the interrupted run had already consumed, once.
+    drops the samples the interrupted run had already consumed, once. With ``tag_epoch`` it yields
+    ``(epoch, index)`` pairs, so that a dataset can vary its examples by epoch, in worker processes too.
     """
 
-    def __init__(self, dataset: Sized, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
+    def __init__(
+        self, dataset: Sized, num_replicas: int, rank: int, shuffle: bool, seed: int, tag_epoch: bool = False
+    ) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
         self.skip = 0
+        self.tag_epoch = tag_epoch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         indices = list(super().__iter__())
         skip, self.skip = self.skip, 0
+        if self.tag_epoch:
+            return iter([(self.epoch, index) for index in indices[skip:]])
         return iter(indices[skip:])
 
 
@@ -60,16 +66,17 @@ def build_loader(
     shuffle: bool,
     seed: int,
     num_workers: int = 0,
+    tag_epoch: bool = False,
 ) -> ResumableDataLoader:
     """A loader whose order is fixed by ``seed`` and the epoch, sharded over the trainer's ranks.
 
     For the training loader of a run resumed mid-epoch, the batches the checkpointed run had
     finished in that epoch are skipped, so the resumed run sees exactly the batches the
-    uninterrupted run would have.
+    uninterrupted run would have. With ``tag_epoch`` the dataset is indexed by ``(epoch, index)``.
     """
     world_size = trainer.world_size if trainer is not None else 1
     rank = trainer.global_rank if trainer is not None else 0
-    sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed)  # type: ignore[arg-type]
+    sampler = ResumableDistributedSampler(dataset, world_size, rank, shuffle=shuffle, seed=seed, tag_epoch=tag_epoch)  # type: ignore[arg-type]
     loader = ResumableDataLoader(
         dataset,
         batch_size=batch_size,

@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel.augmentation import EDA
 from lit_bigmodel.datamodules._base import DataSource, Overflow, Split, TokenizedDataModule
 from lit_bigmodel.datamodules._collate import ClassificationCollator
 from lit_bigmodel.datamodules._records import Record, require_keys
@@ -36,6 +37,9 @@ class TextClassificationDataModule(TokenizedDataModule):
         num_labels: the number of classes; a label outside ``[0, num_labels)`` is an error naming
             its line (or dataset row).
         label_names: class names, for string labels.
+        augment: an `EDA` that rewrites ``text_field`` of the training examples, anew every epoch:
+            each epoch holds every training example once as it is and ``augment.num_aug`` times
+            augmented (labels unchanged); validation and test data are not augmented.
 
     Raises:
         MissingPathError: a file does not exist or is a directory.
@@ -48,6 +52,7 @@ class TextClassificationDataModule(TokenizedDataModule):
         dm = TextClassificationDataModule("bert-base-uncased", train_file="reviews.csv", num_labels=2)
         Trainer(max_epochs=3).fit(SFTModule("bert-base-uncased", task="sequence_classification", num_labels=2), dm)
         dm = TextClassificationDataModule("bert-base-uncased", dataset=load_from_disk("imdb"), num_labels=2)
+        dm = TextClassificationDataModule("bert-base-uncased", train_file="reviews.csv", augment=EDA(num_aug=16))
     """
 
     def __init__(
@@ -70,10 +75,11 @@ class TextClassificationDataModule(TokenizedDataModule):
         cache_dir: str | None = None,
         dataset: Any = None,
         dataset_splits: Mapping[str, str] | None = None,
+        augment: EDA | None = None,
     ) -> None:
         super().__init__(
             tokenizer, train_file, val_file, test_file, val_fraction, max_length, overflow,
-            batch_size, eval_batch_size, num_workers, seed, cache_dir, dataset, dataset_splits,
+            batch_size, eval_batch_size, num_workers, seed, cache_dir, dataset, dataset_splits, augment,
         )  # fmt: skip
         if label_names is not None:
             label_names = list(label_names)
@@ -113,6 +119,9 @@ class TextClassificationDataModule(TokenizedDataModule):
         if "token_type_ids" in encoded:
             example["token_type_ids"] = encoded["token_type_ids"]
         return example
+
+    def augment_record(self, record: Record, rewrite: Callable[[str], str]) -> Record:
+        return {**record, self.text_field: rewrite(record[self.text_field])}
 
     def _label(self, value: Any, where: str) -> int:
         if self.label_names is not None and isinstance(value, str) and value in self.label_names:

@@ -7,6 +7,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from lit_bigmodel.augmentation import EDA
 from lit_bigmodel.datamodules._base import DataSource, Overflow, Split, TokenizedDataModule
 from lit_bigmodel.datamodules._collate import CausalLMCollator
 from lit_bigmodel.datamodules._records import Record, require_keys
@@ -48,6 +49,10 @@ class InstructionDataModule(TokenizedDataModule):
             default ``train``, the first of ``validation``/``valid``/``val``/``dev``, and ``test``,
             each used when present.
         packing: pack training examples into rows of ``max_length`` tokens.
+        augment: an `EDA` that rewrites the prompt side of the training examples, anew every epoch:
+            the ``prompt``, or the content of every ``user`` message; completions and system and
+            assistant messages are never changed. Each epoch holds every training example once as
+            it is and ``augment.num_aug`` times augmented. Not with ``packing``.
 
     Raises:
         MissingPathError: a file does not exist or is a directory.
@@ -87,11 +92,16 @@ class InstructionDataModule(TokenizedDataModule):
         cache_dir: str | None = None,
         dataset: Any = None,
         dataset_splits: Mapping[str, str] | None = None,
+        augment: EDA | None = None,
     ) -> None:
         super().__init__(
             tokenizer, train_file, val_file, test_file, val_fraction, max_length, overflow,
-            batch_size, eval_batch_size, num_workers, seed, cache_dir, dataset, dataset_splits,
+            batch_size, eval_batch_size, num_workers, seed, cache_dir, dataset, dataset_splits, augment,
         )  # fmt: skip
+        if packing and augment is not None:
+            raise ConfigurationError(
+                "`packing=True` builds its rows once, but `augment` rewrites the examples every epoch; use one of them."
+            )
         if packing and self.max_length is None:
             raise ConfigurationError("`packing=True` needs `max_length` (the row length), got None.")
         if self.tokenizer.pad_token_id is None:
@@ -120,6 +130,19 @@ class InstructionDataModule(TokenizedDataModule):
             "labels": [IGNORE_INDEX] * len(prompt_ids) + completion_ids,
             "prompt_length": len(prompt_ids),
         }
+
+    def augment_record(self, record: Record, rewrite: Callable[[str], str]) -> Record:
+        if isinstance(record.get("messages"), list):
+            messages = [
+                {**m, "content": rewrite(m["content"])}
+                if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str)
+                else m
+                for m in record["messages"]
+            ]
+            return {**record, "messages": messages}
+        if isinstance(record.get("prompt"), str):
+            return {**record, "prompt": rewrite(record["prompt"])}
+        return record
 
     def _prompt_and_completion(self, record: Record, where: str) -> tuple[str, str]:
         if record.get("messages") is not None:

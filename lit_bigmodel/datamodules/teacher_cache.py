@@ -52,6 +52,11 @@ class TeacherLogitsDataModule(L.LightningDataModule):
             raise ConfigurationError(
                 "cached teacher logits need unpacked examples: set the datamodule's packing=False."
             )
+        if getattr(datamodule, "augment", None) is not None:
+            raise ConfigurationError(
+                "cached teacher logits are computed once, for the original texts, and `augment` rewrites the "
+                "training texts every epoch: set the datamodule's augment=None."
+            )
         self.datamodule = datamodule
         self.cache_path = cache_path
         self.teacher = teacher
