@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -76,12 +78,33 @@ def test_bad_search_fails_before_the_first_trial(tmp_path, entries, message):
     assert not (tmp_path / "study").exists()
 
 
-def test_multi_device_trials_are_refused_before_the_first_trial(tmp_path):
+UNLAUNCHABLE = [
+    ({"num_nodes": 2}, "`trainer.num_nodes` must be 1 for `lit-bigmodel tune`, got 2"),
+    ({"strategy": "ddp_spawn"}, "`trainer.strategy` of a multi-device trial must start its processes with popen"),
+    ({"devices": 0}, "`trainer.devices` must be 'auto', a count >= 1 or a list of device ids, got 0"),
+]
+
+
+@pytest.mark.parametrize(("trainer", "message"), UNLAUNCHABLE, ids=["num_nodes", "ddp_spawn", "devices"])
+def test_trials_tune_cannot_launch_are_refused_before_the_first_trial(tmp_path, trainer, message):
     config = _config(tmp_path)
-    config["trainer"].update(devices=2, strategy="ddp")
-    with pytest.raises(ConfigurationError, match=r"trainer\.devices=2"):
+    config["trainer"].update({"devices": 2, "strategy": "ddp", **trainer})
+    with pytest.raises(ConfigurationError) as error:
         tune(config, _search(), study_dir=tmp_path / "study")
+    assert message in str(error.value)
     assert not (tmp_path / "study").exists()
+
+
+@pytest.mark.parametrize(
+    ("devices", "accelerator", "processes"),
+    [(1, "cpu", 1), (2, "cpu", 2), ("2", "cpu", 2), ("auto", "cpu", 1), ([0, 1], "gpu", 2), ("0,1", "gpu", 2)],
+)
+def test_trial_processes_follow_trainer_devices(tmp_path, devices, accelerator, processes):
+    from lit_bigmodel.tuning.trial import BaseConfig
+
+    config = _config(tmp_path)
+    config["trainer"].update(devices=devices, accelerator=accelerator, strategy="ddp")
+    assert BaseConfig.load(config).processes() == processes
 
 
 def test_every_problem_is_named_at_once(tmp_path):
@@ -163,6 +186,115 @@ def test_a_changed_search_cannot_join_an_existing_study(tmp_path):
     other = _search(params={LR: {"type": "float", "low": 1e-3, "high": 1e-2}})
     with pytest.raises(ConfigurationError, match="already exists with another search"):
         tune(_config(tmp_path), other, study_dir=tmp_path / "study", outputs=False)
+
+
+# ---------------------------------------------------------------------------------------------- modules
+def _seqgan_config(tmp_path: Path, **model: Any) -> dict[str, Any]:
+    """SeqGAN on a random 5000-token oracle, 6 loader batches an epoch, no validation loop."""
+    return {
+        "seed_everything": 0,
+        "trainer": {
+            "accelerator": "cpu", "devices": 1, "max_epochs": -1, "logger": False, "enable_checkpointing": False,
+            "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "class_path": "lit_bigmodel.SeqGANModule",
+            "init_args": {
+                "generator": {"class_path": "lit_bigmodel.nets.LSTMGenerator", "init_args": {
+                    "vocab_size": 5000, "embedding_dim": 8, "hidden_dim": 8, "seq_len": 6}},
+                "discriminator": {"class_path": "lit_bigmodel.nets.CNNDiscriminator", "init_args": {
+                    "vocab_size": 5000, "embedding_dim": 8, "filter_sizes": [1, 2], "num_filters": [4, 4]}},
+                "mle_epochs": 4, "d_pretrain_rounds": 0, "adv_epochs": 0, "nll_samples": 64, "eval_every": 1,
+                **model,
+            },
+        },
+        "data": {"class_path": "lit_bigmodel.datamodules.OracleDataModule", "init_args": {
+            "oracle": "random", "num_sequences": 48, "seq_len": 6, "batch_size": 8}},
+    }  # fmt: skip
+
+
+class _AskedTrial:
+    """An Optuna trial stand-in: records each report; its pruner says yes from the ``prune_at``-th question on."""
+
+    def __init__(self, prune_at: int) -> None:
+        self.prune_at, self.reports = prune_at, []
+
+    def report(self, value: float, step: int) -> None:
+        self.reports.append((step, value))
+
+    def should_prune(self) -> bool:
+        return len(self.reports) >= self.prune_at
+
+
+def test_trial_pruning_asks_at_training_epoch_ends_without_a_validation_loop(tmp_path):
+    from lit_bigmodel.tuning.pruning import TrialPruning
+    from lit_bigmodel.tuning.trial import BaseConfig, run_trial
+
+    trial = _AskedTrial(prune_at=2)
+    pruning = TrialPruning(trial, "nll_oracle")
+    base = BaseConfig.load(_seqgan_config(tmp_path, eval_every=2))
+    result = run_trial(base, {}, str(tmp_path / "run"), [pruning])
+    # 6 MLE steps an epoch; nll_oracle is logged at the ends of epochs 2 and 4 (the end of epoch 1 asks nothing)
+    assert [step for step, _ in trial.reports] == [12, 24]
+    assert (result.pruned, result.global_step, pruning.pruned_at_step) == (True, 24, 24)
+    assert trial.reports[-1][1] == pytest.approx(result.value)
+
+
+def test_seqgan_study_optimizes_its_nll_oracle(tmp_path):
+    search = {
+        "monitor": "nll_oracle", "n_trials": 2, "sampler": "random", "pruner": "none", "seed": 0,
+        "params": {"model.init_args.g_lr": {"type": "float", "low": 1e-3, "high": 3e-2, "log": True}},
+    }  # fmt: skip
+    study = tune(_seqgan_config(tmp_path, mle_epochs=2), search, study_dir=tmp_path / "study", outputs=False)
+    assert _counts(study)["COMPLETE"] == 2
+    for trial in study.trials:
+        assert list(trial.intermediate_values) == [6, 12]  # one report at each training epoch end
+        assert trial.value == pytest.approx(trial.intermediate_values[12]) and trial.user_attrs["global_step"] == 12
+
+
+def test_distillation_study_with_a_saved_teacher(tmp_path):
+    from lit_bigmodel import SFTModule
+    from lit_bigmodel.datamodules import ArithmeticDataModule
+
+    teacher = SFTModule(_tiny_gpt2())
+    teacher.tokenizer = ArithmeticDataModule(max_operand=20, num_val=32, num_test=8).tokenizer
+    teacher.configure_model()
+    teacher.export(tmp_path / "teacher")
+    config = _config(tmp_path)
+    student = config["model"]["init_args"]["model"]
+    config["model"] = {
+        "class_path": "lit_bigmodel.DistillationModule",
+        "init_args": {"student": student, "teacher": str(tmp_path / "teacher"), "learning_rate": 2e-3},
+    }
+    search = _search(params={
+        LR: {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+        "model.init_args.alpha": {"type": "categorical", "choices": [0.0, 0.5]},
+    })  # fmt: skip
+    study = tune(config, search, study_dir=tmp_path / "study", outputs=False)
+    assert _counts(study)["COMPLETE"] == 2
+    assert [t.user_attrs["global_step"] for t in study.trials] == [10, 10]
+    assert all(math.isfinite(t.value) for t in study.trials)
+
+
+def _tiny_gpt2(**overrides: Any) -> Any:
+    from transformers import GPT2Config
+
+    settings = {"n_layer": 2, "n_embd": 32, "n_head": 2, "n_positions": 32, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0, **overrides}  # fmt: skip
+    return GPT2Config(**settings)
+
+
+@pytest.mark.parametrize(
+    ("config", "search"),
+    [("sft_tiny.yaml", "tune_sft_tiny.yaml"), ("seqgan_oracle_smoke.yaml", "tune_seqgan_oracle_smoke.yaml")],
+)
+def test_shipped_search_files_fit_their_configs(config, search):
+    from lit_bigmodel.tuning import parse_settings
+    from lit_bigmodel.tuning.trial import BaseConfig
+
+    base = BaseConfig.load(ROOT / "configs" / config)
+    settings = parse_settings(yaml.safe_load((ROOT / "configs" / search).read_text()), has_key=base.has_key)
+    assert settings.params and base.processes() == 1
 
 
 # ---------------------------------------------------------------------------------------------- processes
@@ -267,3 +399,75 @@ def test_two_workers_finish_one_postgresql_study(tmp_path, postgres_url):
     study = optuna.load_study(study_name="shared", storage=postgres_url)
     _assert_exactly(study, 4)
     assert not study.get_trials(states=(TrialState.FAIL,))
+
+
+# ---------------------------------------------------------------------------------------------- DDP trials
+def _ranks(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads((run_dir / f"rank_{rank}.json").read_text()) for rank in (0, 1)]
+
+
+def _ddp_config(tmp_path: Path, **trainer: Any) -> dict[str, Any]:
+    config = _config(tmp_path, max_steps=20, val_every=5)
+    config["trainer"].update(devices=2, strategy="ddp", **trainer)
+    return config
+
+
+@pytest.mark.multiprocess
+def test_ddp_study_completes_and_a_pruned_trial_stops_every_rank_at_one_step(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    search = _search(
+        n_trials=2, pruner={"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},
+        enqueue=[{LR: 1e-2}, {LR: 1e-7}], params={LR: {"type": "float", "low": 1e-8, "high": 1e-2, "log": True}},
+    )  # fmt: skip
+    study = tune(_ddp_config(tmp_path), search, study_dir=tmp_path / "study", outputs=False)
+    first, second = study.trials
+    assert (first.state, first.user_attrs["global_step"]) == (TrialState.COMPLETE, 20)
+    assert [r["global_step"] for r in _ranks(tmp_path / "study" / "trial_0")] == [20, 20]
+    assert (second.state, second.user_attrs["global_step"]) == (TrialState.PRUNED, 5)
+    ranks = _ranks(tmp_path / "study" / "trial_1")
+    assert [(r["global_step"], r["pruned_at_step"]) for r in ranks] == [(5, 5), (5, 5)]
+    assert list(second.intermediate_values) == [5]  # reported once, by rank zero through the worker
+
+
+_CRASH = """
+import os
+from lightning.pytorch import Callback
+
+
+class CrashRank(Callback):
+    def __init__(self, rank: int, step: int, trial_dir: str) -> None:
+        self.rank, self.step, self.trial_dir = rank, step, trial_dir
+
+    def on_train_batch_end(self, trainer, *args):
+        here = os.path.basename(trainer.default_root_dir) == self.trial_dir
+        if here and trainer.global_rank == self.rank and trainer.global_step == self.step:
+            os._exit(3)  # as a rank killed mid-step: rank 0 is left in the next all-reduce
+"""
+
+
+@pytest.mark.multiprocess
+def test_a_failed_rank_fails_its_ddp_trial_and_the_study_goes_on(tmp_path, monkeypatch):
+    (tmp_path / "crash_rank.py").write_text(_CRASH)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), str(ROOT)]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    crash = {"class_path": "crash_rank.CrashRank", "init_args": {"rank": 1, "step": 3, "trial_dir": "trial_0"}}
+    config = _ddp_config(tmp_path, max_steps=10, callbacks=[crash])
+    started = time.monotonic()
+    study = tune(config, _search(n_trials=1), study_dir=tmp_path / "study", outputs=False)
+    assert time.monotonic() - started < 240  # nobody waited for the dead rank
+    failed, complete = study.trials
+    assert failed.state == TrialState.FAIL and "rank 1 exited with 3" in failed.user_attrs["error"]
+    assert "rank_1.log" in failed.user_attrs["error"]
+    assert complete.state == TrialState.COMPLETE and complete.user_attrs["global_step"] == 10
+
+
+@pytest.mark.multiprocess
+def test_an_input_error_of_a_ddp_trial_stops_the_study(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    config = _ddp_config(tmp_path, max_steps=5)
+    with pytest.raises(ConfigurationError) as error:
+        tune(config, _search(monitor="val/accuracy"), study_dir=tmp_path / "study", outputs=False)
+    assert "'val/accuracy' was never logged" in str(error.value) and "val/loss" in str(error.value)
+    study = optuna.load_study(study_name="study", storage=_journal(tmp_path / "study"))
+    assert [t.state for t in study.trials] == [TrialState.FAIL]

@@ -2,7 +2,8 @@
 
 Rank zero reports ``monitor`` and asks the study's pruner; the decision is broadcast so every rank
 stops at the same step. Modules without a validation loop (SeqGANModule, whose ``nll_oracle`` is logged
-during training) report at the end of each training epoch instead.
+during training) report at the end of each training epoch instead, when the epoch logged a new value:
+an epoch end before the first value, or one that still holds the value reported last, reports nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ class TrialPruning(Callback):
     """Report ``monitor`` to an Optuna trial at each validation; stop training when its pruner says so.
 
     Args:
-        trial: the Optuna trial (rank zero); None on the other ranks, which follow rank zero's decision.
+        trial: the Optuna trial, or anything with its ``report(value, step)`` and ``should_prune()``
+            (`TrialChannel` on rank zero of a multi-device trial); None on the other ranks, which follow
+            rank zero's decision.
         monitor: the logged metric the study optimizes, e.g. ``val/loss``.
 
     Raises:
@@ -48,8 +51,8 @@ class TrialPruning(Callback):
         self._report(trainer)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._validated and self.monitor in trainer.callback_metrics:
-            self._report(trainer)
+        if not self._validated:  # the same on every rank, so every rank joins the broadcast
+            self._report(trainer, required=False)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.check_logged(trainer)
@@ -63,12 +66,17 @@ class TrialPruning(Callback):
                 "Set `monitor` in the search file to one of them."
             )
 
-    def _report(self, trainer: pl.Trainer) -> None:
-        self.check_logged(trainer)
+    def _report(self, trainer: pl.Trainer, required: bool = True) -> None:
+        """Report on rank zero (if ``monitor`` is logged; ``required``: raise if not) and follow its decision."""
+        if required:
+            self.check_logged(trainer)
         step = trainer.global_step
         should_prune = False
-        if trainer.is_global_zero and self.trial is not None and step not in self.reported:
-            value = float(trainer.callback_metrics[self.monitor])
+        value = float(trainer.callback_metrics[self.monitor]) if self.monitor in trainer.callback_metrics else None
+        last = self.reported[max(self.reported)] if self.reported else None
+        new = value is not None and (required or not _same(value, last))
+        if trainer.is_global_zero and self.trial is not None and step not in self.reported and new:
+            assert value is not None
             self.reported[step] = value
             self.trial.report(value if math.isfinite(value) else math.nan, step)
             should_prune = bool(self.trial.should_prune())
@@ -76,3 +84,8 @@ class TrialPruning(Callback):
         if should_prune:
             self.pruned_at_step = step
             trainer.should_stop = True
+
+
+def _same(value: float, last: float | None) -> bool:
+    """Whether ``value`` is the one reported last (NaN counts as equal to NaN)."""
+    return last is not None and (value == last or (math.isnan(value) and math.isnan(last)))

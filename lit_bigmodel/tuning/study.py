@@ -1,4 +1,9 @@
-"""`tune`: an Optuna study over a `lit-bigmodel fit` config; trials run in-process, one run folder each.
+"""`tune`: an Optuna study over a `lit-bigmodel fit` config; one run folder each trial.
+
+Trials. A one-device trial is fitted in the worker's process. A trial on several devices of this machine
+(``trainer.devices: 2``, ``strategy: ddp``) runs in one process per device that the worker starts and
+watches (`lit_bigmodel.tuning.ddp`); only the worker talks to the storage, and a rank that fails fails the
+trial. Trials on several nodes are refused: start a worker on each machine with one ``storage`` instead.
 
 Storage. Without ``storage`` the study lives in ``<study_dir>/journal.log`` (Optuna's file journal with
 file locks): it survives a crash, and several workers on one machine may share it. ``storage`` takes any
@@ -36,6 +41,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 
 from lit_bigmodel.errors import ConfigurationError, LitBigModelError, MissingPathError
+from lit_bigmodel.tuning.ddp import run_ddp_trial
 from lit_bigmodel.tuning.pruning import TrialPruning
 from lit_bigmodel.tuning.report import write_outputs
 from lit_bigmodel.tuning.settings import TuneSettings, parse_settings
@@ -82,8 +88,9 @@ def tune(
         outputs: write ``best.yaml`` and the pictures and print the summary table at the end.
 
     Raises:
-        ConfigurationError: bad search space, settings or config, before the first trial; a ``monitor``
-            that the first trial never logged.
+        ConfigurationError: bad search space, settings or config (a trial on several nodes, or with a
+            strategy that starts its own processes), before the first trial; a ``monitor`` that the first
+            trial never logged.
 
     Each trial records its ``global_step`` (steps trained) as a user attribute, so
     ``sum(t.user_attrs["global_step"] for t in study.trials)`` counts a study's training steps.
@@ -98,13 +105,13 @@ def tune(
         _load_search(search), has_key=base.has_key,
         n_trials=n_trials, timeout=timeout, sampler=sampler, pruner=pruner, seed=seed,
     )  # fmt: skip
-    base.check_single_process()
+    processes = base.processes()
     study_dir = os.path.abspath(os.fspath(study_dir))
     if os.path.exists(study_dir) and not os.path.isdir(study_dir):
         raise ConfigurationError(f"--study_dir {study_dir!r} is a file, not a directory; choose another --study_dir.")
     opened = _open_storage(storage, study_dir)
     os.makedirs(study_dir, exist_ok=True)
-    worker = _Worker(study_dir, settings, base, embedded=storage is None, heartbeat=opened)
+    worker = _Worker(study_dir, settings, base, embedded=storage is None, heartbeat=opened, processes=processes)
     with worker.registered():
         study = _load_study(
             opened if opened is not None else _journal(study_dir), settings, study_name or os.path.basename(study_dir)
@@ -207,8 +214,10 @@ class _Worker:
         *,
         embedded: bool,
         heartbeat: optuna.storages.BaseStorage | None,
+        processes: int = 1,
     ) -> None:
         self.study_dir = study_dir
+        self.processes = processes
         self.settings = settings
         self.base = base
         self.embedded = embedded
@@ -320,10 +329,12 @@ class _Worker:
         values = {param.key: param.suggest(trial) for param in settings.params}
         run_dir = os.path.join(self.study_dir, f"trial_{trial.number}")
         trial.set_user_attr("run_dir", run_dir)
-        pruning = TrialPruning(trial, settings.monitor)
         try:
             with self._heartbeat(trial):
-                result = run_trial(self.base, values, run_dir, [pruning])
+                if self.processes > 1:
+                    result = run_ddp_trial(self.base, values, run_dir, trial, settings.monitor, self.processes)
+                else:
+                    result = run_trial(self.base, values, run_dir, [TrialPruning(trial, settings.monitor)])
         except (LitBigModelError, KeyboardInterrupt) as err:
             trial.set_user_attr("error", _one_line(err))
             study.tell(trial, state=TrialState.FAIL)

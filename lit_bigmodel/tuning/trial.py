@@ -68,19 +68,38 @@ class BaseConfig:
         except (KeyError, TypeError, AttributeError):
             return False
 
-    def check_single_process(self) -> None:
-        """Raise `ConfigurationError` unless the trainer runs in this one process (one device, one node)."""
-        import torch
+    def processes(self) -> int:
+        """How many processes one trial runs in: ``trainer.devices`` on one node.
 
-        devices, nodes = self.namespace.get("trainer.devices"), self.namespace.get("trainer.num_nodes", 1)
-        one = devices in (1, "1") or (isinstance(devices, (list, tuple)) and len(devices) == 1)
-        one = one or (devices == "auto" and torch.cuda.device_count() <= 1)
-        if not one or nodes not in (1, None):
-            raise ConfigurationError(
-                f"`lit-bigmodel tune` runs each trial in its own process on one device; got trainer.devices="
-                f"{devices!r}, trainer.num_nodes={nodes!r}. Set --trainer.devices 1 in the config "
-                "(start several workers on one study to use several devices)."
+        Raises one `ConfigurationError` for a trial `lit-bigmodel tune` cannot launch: several nodes, a
+        strategy that starts its own processes (``ddp_spawn``, ``ddp_fork``, ``ddp_notebook``) on several
+        devices, or a ``trainer.devices`` that is not a device count or list.
+
+        Example::
+
+            BaseConfig.load({"trainer": {"devices": 2, "strategy": "ddp"}, ...}).processes()  # 2
+        """
+        devices, accelerator = self.namespace.get("trainer.devices"), self.namespace.get("trainer.accelerator")
+        nodes = self.namespace.get("trainer.num_nodes", 1)
+        problems = []
+        if nodes not in (1, None):
+            problems.append(
+                f"`trainer.num_nodes` must be 1 for `lit-bigmodel tune`, got {nodes!r}; start a worker on each "
+                "machine with the same --storage instead."
             )
+        count = _device_count(devices, accelerator)
+        if count is None:
+            problems.append(f"`trainer.devices` must be 'auto', a count >= 1 or a list of device ids, got {devices!r}.")
+        start_method = _start_method(self.namespace.get("trainer.strategy"))
+        if count is not None and count > 1 and start_method != "popen":
+            problems.append(
+                "`trainer.strategy` of a multi-device trial must start its processes with popen (e.g. 'ddp', "
+                f"'fsdp', 'deepspeed'), got {start_method!r}: `lit-bigmodel tune` starts each rank itself."
+            )
+        if problems:
+            raise ConfigurationError(" ".join(problems))
+        assert count is not None
+        return count
 
     def with_values(self, values: Mapping[str, Any]) -> Namespace:
         namespace = self.namespace.clone()
@@ -141,6 +160,36 @@ def run_trial(base: BaseConfig, values: Mapping[str, Any], run_dir: str, callbac
         pruned=pruning is not None and pruning.pruned_at_step is not None,
         metrics=metrics,
     )
+
+
+def _device_count(devices: Any, accelerator: Any) -> int | None:
+    """The number of devices (processes) ``trainer.devices`` asks for on one node; None if it is not one."""
+    if isinstance(devices, str) and "," in devices:
+        devices = [item for item in devices.split(",") if item.strip()]
+    if isinstance(devices, (list, tuple)):
+        return len(devices) or None
+    if isinstance(devices, str) and devices.strip().lstrip("-").isdigit():
+        devices = int(devices)
+    if devices in ("auto", -1) and not isinstance(devices, bool):
+        import torch
+
+        on_cuda = accelerator in ("auto", "gpu", "cuda", None) and torch.cuda.is_available()
+        return max(1, torch.cuda.device_count()) if on_cuda else 1
+    if isinstance(devices, int) and not isinstance(devices, bool) and devices >= 1:
+        return devices
+    return None
+
+
+def _start_method(strategy: Any) -> str:
+    """How a strategy starts its processes: ``popen`` (Lightning re-runs the command; or nothing to start),
+    ``spawn``, ``fork`` or ``forkserver``."""
+    if isinstance(strategy, Namespace):
+        return str(strategy.get("init_args.start_method", "popen") or "popen")
+    name = str(strategy)
+    for method in ("forkserver", "spawn", "fork"):
+        if method in name:
+            return method
+    return "fork" if "notebook" in name else "popen"
 
 
 def _build(cli_class: type[LitBigModelCLI], args: Any, **kwargs: Any) -> LitBigModelCLI:
