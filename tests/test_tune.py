@@ -131,6 +131,27 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------- studies
+def test_a_grid_study_visits_every_point_once_although_each_trial_gets_a_new_sampler():
+    """Optuna's grid sampler records each trial's point as a position in its seeded shuffle of the grid."""
+    from lit_bigmodel.tuning.settings import parse_settings
+
+    params = {
+        LR: {"type": "float", "low": 0.01, "high": 0.03, "step": 0.01},
+        "model.init_args.weight_decay": {"type": "float", "low": 0.0, "high": 0.1, "step": 0.1},
+    }
+    settings = parse_settings({"monitor": "val/loss", "sampler": "grid", "seed": 0, "params": params})
+    study = optuna.create_study()
+    for number in range(6):  # as the tune loop does: a sampler made anew before each trial
+        study.sampler = settings.make_sampler(number)
+        trial = study.ask()
+        point = tuple(
+            trial.suggest_float(key, spec["low"], spec["high"], step=spec["step"]) for key, spec in params.items()
+        )
+        study.tell(trial, 0.0)
+        assert point not in [tuple(t.params.values()) for t in study.trials[:-1]], f"trial {number} repeats {point}"
+    assert len({tuple(t.params.values()) for t in study.trials}) == 6
+
+
 def test_study_writes_best_yaml_that_reproduces_its_metric(tmp_path, capsys):
     from lit_bigmodel.cli import run_cli
 

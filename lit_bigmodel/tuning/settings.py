@@ -90,13 +90,18 @@ class TuneSettings:
         """The sampler, seeded from ``seed`` and the number of trials the study has so far.
 
         A worker makes a new sampler before each trial, so a rerun or a second worker does not replay
-        the random draws of the first, and one worker's study is the same for the same ``seed``.
+        the random draws of the first, and one worker's study is the same for the same ``seed``. The
+        grid sampler keeps one seed for the whole study: it shuffles the grid with its seed and records
+        each trial's point as a position in that order, so another order per trial would repeat points.
         """
-        seed = None if self.seed is None else (self.seed * 1_000_003 + trials_so_far) % 2**32
         if self.sampler == "grid":
             grid = {p.key: p.grid_values() for p in self.params}
-            return _GridSampler(grid, seed=seed, **self.sampler_args)
+            return _GridSampler(grid, seed=self._trial_seed(0), **self.sampler_args)
+        seed = self._trial_seed(trials_so_far)
         return SAMPLERS[self.sampler](seed=seed, **self.sampler_args)
+
+    def _trial_seed(self, trials_so_far: int) -> int | None:
+        return None if self.seed is None else (self.seed * 1_000_003 + trials_so_far) % 2**32
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         return PRUNERS[self.pruner](**self.pruner_args)
