@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -35,3 +37,20 @@ def check_number(
     if high is not None and (value >= high if high_open else value > high):
         return f"`{name}` must be {'<' if high_open else '<='} {high}, got {value!r}."
     return None
+
+
+def check_patterns(value: str | Sequence[str] | None, argument: str, problems: list[str]) -> list[str]:
+    """``value`` (one regular expression, several, or None) as a list; what does not compile goes to ``problems``.
+
+    Example::
+
+        problems: list[str] = []
+        include = check_patterns(["attn", "mlp\\."], "include", problems)
+    """
+    patterns = [value] if isinstance(value, str) else list(value or [])
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as error:
+            problems.append(f"`{argument}` must hold regular expressions, got {pattern!r} ({error}).")
+    return patterns

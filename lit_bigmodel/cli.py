@@ -400,9 +400,14 @@ def run_cli(args: list[str] | None = None) -> LitBigModelCLI:
             auto_configure_optimizers=False,
         )
     except Exception as err:
-        cause = _user_error(err)
-        if cause is None:
-            raise
+        _exit_on_user_error(err)
+        raise
+
+
+def _exit_on_user_error(err: Exception) -> None:
+    """Print one line and exit with status 2 when ``err`` comes from bad input; return otherwise."""
+    cause = _user_error(err)
+    if cause is not None:
         print(f"lit-bigmodel: error: {_one_line(str(cause))}", file=sys.stderr)
         sys.exit(2)
 
@@ -468,11 +473,8 @@ def tune_main(argv: list[str]) -> None:
             sampler=args.sampler, pruner=args.pruner, seed=args.seed, storage=args.storage, study_name=args.study_name,
         )  # fmt: skip
     except Exception as err:
-        cause = _user_error(err)
-        if cause is None:
-            raise
-        print(f"lit-bigmodel: error: {_one_line(str(cause))}", file=sys.stderr)
-        sys.exit(2)
+        _exit_on_user_error(err)
+        raise
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ plain ``weight`` tensors (no ``weight_orig`` / ``weight_mask`` reparametrization
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -21,7 +20,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
-from lit_bigmodel._checks import check_number
+from lit_bigmodel._checks import check_number, check_patterns
 from lit_bigmodel._sharding import is_sharded
 from lit_bigmodel.callbacks._pruning_methods import (
     METHODS,
@@ -215,8 +214,8 @@ class Pruning(Callback):
             problems.append(f"`pruning_norm` must be 1 or 2, got {pruning_norm!r}.")
         if prune_embeddings and method != "unstructured":
             problems.append(f"`prune_embeddings=True` is only for method='unstructured', got method={method!r}.")
-        self.include = _patterns(include, "include", problems)
-        self.exclude = _patterns(exclude, "exclude", problems)
+        self.include = check_patterns(include, "include", problems)
+        self.exclude = check_patterns(exclude, "exclude", problems)
         if problems:
             raise ConfigurationError(" ".join(problems))
         self.method = method
@@ -518,13 +517,3 @@ def _is_step(value: Any) -> bool:
     if isinstance(value, float):
         return check_number("step", value, low=0.0, high=1.0) is None
     return check_number("step", value, low=0, integer=True) is None
-
-
-def _patterns(value: str | Sequence[str] | None, argument: str, problems: list[str]) -> list[str]:
-    patterns = [value] if isinstance(value, str) else list(value or [])
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as error:
-            problems.append(f"`{argument}` must hold regular expressions, got {pattern!r} ({error}).")
-    return patterns

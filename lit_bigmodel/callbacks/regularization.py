@@ -23,7 +23,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.utils.hooks import RemovableHandle
 
-from lit_bigmodel._checks import check_number
+from lit_bigmodel._checks import check_number, check_patterns
 from lit_bigmodel._sharding import is_fsdp, is_fsdp2, zero_stage
 from lit_bigmodel.callbacks._steps import torch_optimizer
 from lit_bigmodel.errors import ConfigurationError
@@ -100,8 +100,8 @@ class L1L2(Callback):
         log_name: str | None = "regularization/penalty",
     ) -> None:
         problems = [p for p in (check_number("l1", l1, low=0.0), check_number("l2", l2, low=0.0)) if p]
-        self.include = _patterns(include, "include", problems)
-        self.exclude = _patterns(exclude, "exclude", problems)
+        self.include = check_patterns(include, "include", problems)
+        self.exclude = check_patterns(exclude, "exclude", problems)
         if not isinstance(exclude_no_decay, bool):
             problems.append(f"`exclude_no_decay` must be True or False, got {exclude_no_decay!r}.")
         if log_name is not None and (not isinstance(log_name, str) or not log_name):
@@ -290,13 +290,3 @@ def _shard_key(param: torch.Tensor) -> Any:
         return None
     dims = tuple(i for i, placement in enumerate(param.placements) if placement.is_shard())
     return (param.device_mesh, dims) if dims else None
-
-
-def _patterns(value: str | Sequence[str] | None, argument: str, problems: list[str]) -> list[str]:
-    patterns = [value] if isinstance(value, str) else list(value or [])
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as error:
-            problems.append(f"`{argument}` must hold regular expressions, got {pattern!r} ({error}).")
-    return patterns
