@@ -492,3 +492,18 @@ def test_an_input_error_of_a_ddp_trial_stops_the_study(tmp_path, monkeypatch):
     assert "'val/accuracy' was never logged" in str(error.value) and "val/loss" in str(error.value)
     study = optuna.load_study(study_name="study", storage=_journal(tmp_path / "study"))
     assert [t.state for t in study.trials] == [TrialState.FAIL]
+
+
+def test_wandb_trials_are_named_after_the_trial_and_grouped_by_study(tmp_path):
+    from lit_bigmodel.tuning.trial import BaseConfig, point_logger_at_trial
+
+    config = _config(tmp_path)
+    config["trainer"]["logger"] = {
+        "class_path": "lightning.pytorch.loggers.WandbLogger",
+        "init_args": {"project": "p", "offline": True},
+    }
+    namespace = BaseConfig.load(config).with_values({})
+    point_logger_at_trial(namespace, str(tmp_path / "study_a" / "trial_4"))
+    init_args = namespace["trainer.logger"].init_args
+    assert (init_args.group, init_args.name) == ("study_a", "trial_4")
+    assert init_args.save_dir == str(tmp_path / "study_a" / "trial_4")

@@ -122,6 +122,30 @@ class TrialResult:
     metrics: dict[str, float]
 
 
+def point_logger_at_trial(namespace: Namespace, run_dir: str) -> None:
+    """Give the config's logger the trial's folder; a W&B run is named after the trial and grouped by study.
+
+    The group is the study folder's name (``run_dir``'s parent), the run's name the trial folder's
+    (``trial_<n>``), unless the config sets them.
+
+    Example::
+
+        point_logger_at_trial(namespace, "runs/tune_sft_tiny/trial_3")
+    """
+    logger = namespace.get("trainer.logger")
+    if not (isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace)):
+        return
+    for key in ("save_dir", "root_dir"):
+        if key in logger.init_args:
+            logger.init_args[key] = run_dir
+    if str(logger.get("class_path", "")).endswith("WandbLogger"):
+        folder = os.path.abspath(run_dir)
+        if logger.init_args.get("group") is None:
+            logger.init_args["group"] = os.path.basename(os.path.dirname(folder))
+        if logger.init_args.get("name") is None:
+            logger.init_args["name"] = os.path.basename(folder)
+
+
 def run_trial(base: BaseConfig, values: Mapping[str, Any], run_dir: str, callbacks: list[Callback]) -> TrialResult:
     """Fit the config with ``values`` applied; logs, checkpoints and ``config.yaml`` go under ``run_dir``.
 
@@ -136,11 +160,7 @@ def run_trial(base: BaseConfig, values: Mapping[str, Any], run_dir: str, callbac
 
     namespace = base.with_values(values)
     namespace["trainer.default_root_dir"] = run_dir
-    logger = namespace.get("trainer.logger")
-    if isinstance(logger, Namespace) and isinstance(logger.get("init_args"), Namespace):
-        for key in ("save_dir", "root_dir"):
-            if key in logger.init_args:
-                logger.init_args[key] = run_dir
+    point_logger_at_trial(namespace, run_dir)
     for key, off in (("export_dir", None), ("test_after_fit", False)):
         if key in namespace:
             namespace[key] = off  # a trial trains and validates; best.yaml keeps the config's own settings
