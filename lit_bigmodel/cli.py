@@ -416,13 +416,19 @@ def main() -> None:
     """Entry point of the ``lit-bigmodel`` console script (returns nothing, so the exit status is 0).
 
     ``lit-bigmodel export CKPT OUT`` writes a ``save_pretrained`` directory from a checkpoint
-    (`lit_bigmodel.export`); ``lit-bigmodel tune`` runs a hyperparameter study (`tune_main`); every other
+    (`lit_bigmodel.export`); ``lit-bigmodel quantize MODEL_DIR OUT --scheme S`` quantizes a model
+    directory with torchao (`lit_bigmodel.quantization.ptq`); ``lit-bigmodel tune`` runs a hyperparameter study (`tune_main`); every other
     subcommand is LightningCLI's.
     """
     if len(sys.argv) > 1 and sys.argv[1] == "export":
         from lit_bigmodel.export import main as export_main
 
         export_main(sys.argv[2:])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "quantize":
+        from lit_bigmodel.quantization.ptq import main as quantize_main
+
+        quantize_main(sys.argv[2:])
         return
     if len(sys.argv) > 1 and sys.argv[1] == "tune":
         tune_main(sys.argv[2:])

@@ -52,6 +52,7 @@ from lit_bigmodel.qlora import (
     dequantized_state,
     prepare_quantized,
 )
+from lit_bigmodel.quantization.layers import quantized_layers
 from lit_bigmodel.schedules import LRSchedule, ModuleScheduleName, callback_sets_learning_rate
 
 _CONFIG_OBJECTS = ("peft", "quantization")  # arguments that are objects, left out of checkpoints' hyperparameters
@@ -572,6 +573,10 @@ class SFTModule(L.LightningModule):
             elif self.quantization is not None and merge is not False:
                 wrapper = adapted_copy(network, self.adapters, self.task, dequantized_state(network))
             return export_adapters(target, wrapper, self.tokenizer, merge=merge is not False)
+        if quantized_layers(network):  # converted by QuantizationAware (torchao tensors): written as torchao saves them
+            from lit_bigmodel.quantization.save import export_quantized
+
+            return export_quantized(self, dirpath, overwrite=overwrite)
         state = full_state_dict(self._trainer, self, network)  # collective under sharding; None off rank zero
         if state is None:
             return target
