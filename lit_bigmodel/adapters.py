@@ -17,9 +17,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import shutil
-import tempfile
 from typing import Any, cast
 
 import torch
@@ -27,7 +24,7 @@ from torch import nn
 
 from lit_bigmodel._quiet import quiet_imports
 from lit_bigmodel.errors import ConfigurationError
-from lit_bigmodel.export import check_finite
+from lit_bigmodel.export import check_finite, write_staged
 
 try:  # optional dependency: the type of SFTModule's `peft` argument (the CLI reads it)
     with quiet_imports():
@@ -243,20 +240,13 @@ def export_adapters(target: str, wrapper: Any, tokenizer: Any = None, merge: boo
     else:
         check_finite({k: v for k, v in wrapper.named_parameters() if v.requires_grad})
         save = wrapper.save_pretrained
-    parent = os.path.dirname(os.path.abspath(target))
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-    try:
+
+    def write(staging: str) -> None:
         save(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if os.path.exists(target):
-            shutil.rmtree(target)
-        os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_staged(target, write)
 
 
 def peft_config_dict(wrapper: Any) -> dict[str, Any]:

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -130,13 +131,30 @@ def write_pretrained(
             first = names.setdefault(id(param), name)
             if first != name and first in state_dict and name in state_dict:
                 state_dict[name] = state_dict[first]
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-    try:
+
+    def save(staging: str) -> None:
         network.save_pretrained(staging, state_dict=state_dict)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+
+    return write_staged(target, save)
+
+
+def write_staged(target: str, write: Callable[[str], None]) -> str:
+    """Run ``write(folder)`` on a staging folder beside ``target``, then rename it into place; returns ``target``.
+
+    ``target`` is complete or as it was: a failed ``write`` leaves it untouched, and an existing
+    ``target`` is replaced only once the new folder is whole.
+
+    Example::
+
+        write_staged("out/model", lambda folder: network.save_pretrained(folder))
+    """
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
+    try:
+        write(staging)
         if os.path.exists(target):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
             os.replace(target, os.path.join(old, "dir"))

@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from typing import Any
 
 from lit_bigmodel._sharding import is_sharded
 from lit_bigmodel.errors import ConfigurationError
-from lit_bigmodel.export import check_target
+from lit_bigmodel.export import check_target, write_staged
 from lit_bigmodel.quantization.layers import check_finite_quantized, fake_quantized_layers, quantized_layers
 
 __all__ = ["export_quantized", "save_quantized"]
@@ -59,25 +57,14 @@ def save_quantized(
             "the QuantizationAware callback), or write a float model with `save_pretrained`."
         )
     check_finite_quantized(network.state_dict())
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.", dir=parent)
-    try:
+
+    def save(staging: str) -> None:
         with _serializing(network):
             network.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        if os.path.exists(target):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.old.", dir=parent)
-            os.replace(target, os.path.join(old, "dir"))
-            os.replace(staging, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    finally:
-        if os.path.exists(staging):
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    return write_staged(target, save)
 
 
 def export_quantized(module: Any, dirpath: str | os.PathLike[str], *, overwrite: bool = False) -> str:
