@@ -161,10 +161,14 @@ def fake_quantized_layers(network: nn.Module) -> list[str]:
 
 def quantized_layers(network: nn.Module) -> list[str]:
     """Names of the layers of ``network`` whose weight is a quantized tensor (a torchao tensor subclass)."""
+    from torch.distributed.tensor import DTensor
+
     return [
         name
         for name, module in network.named_modules()
-        if isinstance(getattr(module, "weight", None), torch.Tensor) and is_traceable_wrapper_subclass(module.weight)
+        if isinstance(getattr(module, "weight", None), torch.Tensor)
+        and is_traceable_wrapper_subclass(module.weight)
+        and not isinstance(module.weight, DTensor)  # FSDP2 shards are tensor subclasses too, not quantized ones
     ]
 
 
