@@ -48,7 +48,7 @@ class EvaluationMetrics(nn.Module):
         assert num_labels is not None
         return {
             "loss": MeanMetric(),
-            "accuracy": MulticlassAccuracy(num_classes=num_labels),
+            "accuracy": MulticlassAccuracy(num_classes=num_labels, average="micro"),  # the fraction correct
             "f1": MulticlassF1Score(num_classes=num_labels, average="macro"),
         }
 

@@ -61,6 +61,17 @@ def test_classification_metrics_need_the_number_of_labels():
         EvaluationMetrics("sequence_classification")
 
 
+def test_classification_accuracy_is_the_fraction_correct_and_f1_is_macro():
+    metrics = EvaluationMetrics("sequence_classification", num_labels=2)
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])  # imbalanced: 8 of class 0, 2 of class 1
+    predicted = torch.tensor([0, 0, 0, 0, 0, 0, 0, 0, 1, 0])  # 9 of 10 right; class 1's recall is 1/2
+    logits = nn.functional.one_hot(predicted, 2).float()
+    metrics.update("test", logits, {"labels": labels}, LossTerms(torch.tensor(0.1), torch.tensor(10), {}))
+    values = metrics.compute("test")
+    assert values["test/accuracy"].item() == pytest.approx(0.9)  # not the mean per-class recall, 0.75
+    assert values["test/f1"].item() == pytest.approx((16 / 17 + 2 / 3) / 2)  # F1 per class: 16/17 and 2/3
+
+
 def test_decay_groups_skip_biases_norms_embeddings_and_list_tied_weights_once():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=32, n_positions=8))
     model.transformer.h[0].mlp.c_fc.weight.requires_grad_(False)
