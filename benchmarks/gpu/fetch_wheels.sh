@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Fill .whl/ (repository root, kept out of git by .git/info/exclude) with what benchmarks/gpu/run.sh installs on a
 # GPU machine whose python3 (3.12, x86_64) lacks DeepSpeed: the deepspeed sdist and the wheels it needs there, and
-# bitsandbytes (the `peft` part's QLoRA; 43 MB).
+# bitsandbytes (the `peft` part's QLoRA; 43 MB) and torchao (the `quant` part).
 #
 #   bash benchmarks/gpu/fetch_wheels.sh      # then: run(command="bash benchmarks/gpu/run.sh ...", carry=[".whl"])
 set -euo pipefail
@@ -20,5 +20,7 @@ for name in hjson pydantic pydantic_core annotated_types typing_inspection typin
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "$name"
 done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -d .whl "${BITSANDBYTES:-bitsandbytes==0.50.2}"
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${platforms[@]}" \
+    -d .whl "${TORCHAO:-torchao==0.18.0}"  # the `quant` part
 ls -la .whl
 du -sh .whl

@@ -2,7 +2,7 @@
 # The GPU measurements of the open issues, as one script for a machine with one CUDA GPU whose python3 has
 # torch, lightning, transformers and torchmetrics but not deepspeed (the `device` machine of our workplace).
 #
-#   bash benchmarks/gpu/run.sh [PART ...]      # parts: gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft
+#   bash benchmarks/gpu/run.sh [PART ...]      # parts: gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft quant
 #
 # DeepSpeed (for `strategies` and `maxmodel`) installs from wheels carried in .whl/ in the repository root
 # (ignored by git): the deepspeed sdist and the wheels of hjson, pydantic, pydantic_core, annotated_types,
@@ -14,7 +14,8 @@
 # `gpu`-marked tests: CUDA-graph D updates against eager ones, 16-mixed), throughput ~4 min, strategies ~4 min, pruning ~1 min (speed part
 # only), rollouts ~1 min, dstep ~1 min (one D update: eager vs CUDA graph), maxmodel ~10+ min, seqgan: a one-minute check of every phase
 # (--preset quick), then the paper run (goal <= 10 min; needs a command limit of 10 min to itself); peft ~3 min (the
-# `gpu` QLoRA test, then benchmarks/peft.py --llama1b: full bf16 vs LoRA vs QLoRA; bitsandbytes from .whl/).
+# `gpu` QLoRA test, then benchmarks/peft.py --llama1b: full bf16 vs LoRA vs QLoRA; bitsandbytes from .whl/); quant ~4 min
+# (benchmarks/quantization.py --gpu: int8 weight-only decode vs bf16, fp8 vs bf16 training; torchao from .whl/).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -23,8 +24,8 @@ mkdir -p "$OUT"
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(gputests throughput strategies pruning rollouts dstep)
 for part in "${parts[@]}"; do
-    case "$part" in gputests | throughput | strategies | pruning | rollouts | dstep | maxmodel | seqgan | peft) ;;
-    *) echo "unknown part '$part': one of gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft" >&2; exit 2 ;;
+    case "$part" in gputests | throughput | strategies | pruning | rollouts | dstep | maxmodel | seqgan | peft | quant) ;;
+    *) echo "unknown part '$part': one of gputests throughput strategies pruning rollouts dstep maxmodel seqgan peft quant" >&2; exit 2 ;;
     esac
 done
 
@@ -47,6 +48,15 @@ install_bitsandbytes() {  # into /tmp/site-bnb, once, in this shell
     python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
 }
 
+install_torchao() {  # into /tmp/site-ao, once, in this shell
+    python3 -c "import torchao" 2>/dev/null && return 0
+    ls .whl/torchao-*.whl >/dev/null 2>&1 || { echo "no .whl/torchao-*.whl: see the header" >&2; return 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-ao .whl/torchao-*.whl || return 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site-ao"
+    python3 -c "import torchao; print('torchao', torchao.__version__)"
+}
+
+case " ${parts[*]} " in *" quant "*) install_torchao > >(tee "$OUT/install_ao.log") 2>&1 ;; esac
 case " ${parts[*]} " in *" peft "*) install_bitsandbytes > >(tee "$OUT/install_bnb.log") 2>&1 ;; esac
 
 case " ${parts[*]} " in
@@ -75,6 +85,7 @@ for part in "${parts[@]}"; do
     peft)
         python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_qlora.py
         python3 benchmarks/peft.py --llama1b --out benchmarks/results/peft_llama1b_cuda.json ;;
+    quant) python3 benchmarks/quantization.py --gpu --out benchmarks/results/quantization_cuda.json ;;
     seqgan)
         oracle=${ORACLE:-shared/data/seqgan_oracle_lstm.npz}
         # D's convolutions as the dstep part measured fastest under a graph, if it ran; else CNNDiscriminator's "auto"

@@ -127,7 +127,8 @@ class Float8Training(Callback):
             `DistillationModule`'s student; its teacher stays bf16).
 
     Raises:
-        ConfigurationError: an unknown recipe; in ``setup``, everything `fp8_problems` finds, in one message.
+        ConfigurationError: an unknown recipe; in ``setup``, everything `fp8_problems` finds, in one message;
+            at fit start, a network with no layer to convert (GPT-2's ``Conv1D`` projections, for one).
 
     Example::
 
@@ -160,4 +161,16 @@ class Float8Training(Callback):
                 f"Float8Training: the LightningModule has no network at `{self.network_attribute}`."
             )
         self.layers = convert_to_fp8(getattr(network, "_orig_mod", network), self.recipe)
+        if not self.layers:
+            conv1d = [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
+            why = (
+                f"its {len(conv1d)} projection layers are transformers' Conv1D (GPT-2), which torchao's float8 does "
+                "not convert"
+                if conv1d
+                else "it has no trainable nn.Linear layer with both sizes multiples of 16 other than the output layer"
+            )
+            raise ConfigurationError(
+                f"Float8Training: no layer of the network can train in float8: {why}; "
+                "train in bf16 (drop Float8Training), or use a network with nn.Linear projections (Llama, Qwen2, Mistral)."
+            )
         rank_zero_info(f"Float8Training: {len(self.layers)} linear layers train in float8 ({self.recipe}).")
