@@ -276,6 +276,8 @@ def test_float8_training_refuses_a_network_with_nothing_to_convert():
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=16))
     with pytest.raises(ConfigurationError, match=r"its 4 projection layers are transformers' Conv1D \(GPT-2\)"):
         Float8Training().on_fit_start(SimpleNamespace(), SimpleNamespace(model=gpt2))
+    with pytest.raises(ConfigurationError, match=r"no trainable nn\.Linear layer"):
+        convert_to_fp8(_llama().requires_grad_(False))  # frozen: nothing to train in float8
     llama = _llama()
     Float8Training().on_fit_start(SimpleNamespace(), SimpleNamespace(model=llama))  # converts: no error
     assert type(llama.model.layers[0].mlp.up_proj).__name__ == "Float8Linear"

@@ -40,24 +40,16 @@ install_deepspeed() {  # into /tmp/site, once, in this shell (not in a pipeline'
     python3 -c "import deepspeed, accelerate; print('deepspeed', deepspeed.__version__)"
 }
 
-install_bitsandbytes() {  # into /tmp/site-bnb, once, in this shell
-    python3 -c "import bitsandbytes" 2>/dev/null && return 0
-    ls .whl/bitsandbytes-*.whl >/dev/null 2>&1 || { echo "no .whl/bitsandbytes-*.whl: see the header" >&2; return 1; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-bnb .whl/bitsandbytes-*.whl || return 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/site-bnb"
-    python3 -c "import bitsandbytes; print('bitsandbytes', bitsandbytes.__version__)"
+install_wheel() {  # install_wheel NAME: .whl/NAME-*.whl into /tmp/site-NAME, once, in this shell
+    python3 -c "import $1" 2>/dev/null && return 0
+    ls .whl/"$1"-*.whl >/dev/null 2>&1 || { echo "no .whl/$1-*.whl: see the header" >&2; return 1; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "/tmp/site-$1" .whl/"$1"-*.whl || return 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site-$1"
+    python3 -c "import $1; print('$1', $1.__version__)"
 }
 
-install_torchao() {  # into /tmp/site-ao, once, in this shell
-    python3 -c "import torchao" 2>/dev/null && return 0
-    ls .whl/torchao-*.whl >/dev/null 2>&1 || { echo "no .whl/torchao-*.whl: see the header" >&2; return 1; }
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-ao .whl/torchao-*.whl || return 1
-    export PYTHONPATH="$PYTHONPATH:/tmp/site-ao"
-    python3 -c "import torchao; print('torchao', torchao.__version__)"
-}
-
-case " ${parts[*]} " in *" quant "*) install_torchao > >(tee "$OUT/install_ao.log") 2>&1 ;; esac
-case " ${parts[*]} " in *" peft "*) install_bitsandbytes > >(tee "$OUT/install_bnb.log") 2>&1 ;; esac
+case " ${parts[*]} " in *" quant "*) install_wheel torchao > >(tee "$OUT/install_torchao.log") 2>&1 ;; esac
+case " ${parts[*]} " in *" peft "*) install_wheel bitsandbytes > >(tee "$OUT/install_bitsandbytes.log") 2>&1 ;; esac
 
 case " ${parts[*]} " in
 *" strategies "* | *" maxmodel "*)

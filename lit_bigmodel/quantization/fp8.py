@@ -84,11 +84,14 @@ def convert_to_fp8(network: nn.Module, recipe: Recipe = "tensorwise", *, trainab
 
     Eligible: both sizes multiples of 16 (what fp8 matmuls take), not the output layer (LM head or
     classifier), and, with ``trainable_only``, a weight that requires grad (a frozen teacher stays bf16).
+
+    Raises:
+        ConfigurationError: no layer is eligible (GPT-2's ``Conv1D`` projections, for one).
     """
     require_torchao()
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-    from lit_bigmodel.quantization.layers import _output_layer
+    from lit_bigmodel.quantization.layers import _conv1d_layers, _output_layer
 
     output = _output_layer(network)
     chosen = [
@@ -101,6 +104,18 @@ def convert_to_fp8(network: nn.Module, recipe: Recipe = "tensorwise", *, trainab
         and name != output
         and (module.weight.requires_grad or not trainable_only)
     ]
+    if not chosen:
+        conv1d = _conv1d_layers(network)
+        why = (
+            f"its {len(conv1d)} projection layers are transformers' Conv1D (GPT-2), which torchao's float8 does "
+            "not convert"
+            if conv1d
+            else "it has no trainable nn.Linear layer with both sizes multiples of 16 other than the output layer"
+        )
+        raise ConfigurationError(
+            f"no layer of the network can train in float8: {why}; train in bf16 (without Float8Training), "
+            "or use a network with nn.Linear projections (Llama, Qwen2, Mistral)."
+        )
     names = set(chosen)
     config = Float8LinearConfig.from_recipe_name(recipe)
     convert_to_float8_training(network, module_filter_fn=lambda module, name: name in names, config=config)
@@ -128,7 +143,7 @@ class Float8Training(Callback):
 
     Raises:
         ConfigurationError: an unknown recipe; in ``setup``, everything `fp8_problems` finds, in one message;
-            at fit start, a network with no layer to convert (GPT-2's ``Conv1D`` projections, for one).
+            at fit start, a network with no layer to convert (`convert_to_fp8`).
 
     Example::
 
@@ -161,16 +176,4 @@ class Float8Training(Callback):
                 f"Float8Training: the LightningModule has no network at `{self.network_attribute}`."
             )
         self.layers = convert_to_fp8(getattr(network, "_orig_mod", network), self.recipe)
-        if not self.layers:
-            conv1d = [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
-            why = (
-                f"its {len(conv1d)} projection layers are transformers' Conv1D (GPT-2), which torchao's float8 does "
-                "not convert"
-                if conv1d
-                else "it has no trainable nn.Linear layer with both sizes multiples of 16 other than the output layer"
-            )
-            raise ConfigurationError(
-                f"Float8Training: no layer of the network can train in float8: {why}; "
-                "train in bf16 (drop Float8Training), or use a network with nn.Linear projections (Llama, Qwen2, Mistral)."
-            )
         rank_zero_info(f"Float8Training: {len(self.layers)} linear layers train in float8 ({self.recipe}).")

@@ -87,7 +87,7 @@ def find_targets(
         else:
             targets.skipped[name] = reason
     if not targets.names:
-        conv1d = [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
+        conv1d = _conv1d_layers(network)
         if conv1d:
             raise ConfigurationError(
                 f"nothing to quantize: the network's layers are GPT-2-style Conv1D ({conv1d[0]!r} and "
@@ -208,6 +208,11 @@ def _inner_tensors(name: str, tensor: Any) -> list[tuple[str, torch.Tensor]]:
 
 def _tensor_bytes(tensor: torch.Tensor) -> int:
     return sum(inner.numel() * inner.element_size() for _, inner in _inner_tensors("", tensor))
+
+
+def _conv1d_layers(network: nn.Module) -> list[str]:
+    """The names of ``network``'s transformers ``Conv1D`` layers (GPT-2's projections), which torchao does not convert."""
+    return [name for name, module in network.named_modules() if type(module).__name__ == "Conv1D"]
 
 
 def _output_layer(network: nn.Module) -> nn.Module | str | None:
